@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo-out
+
+.PHONY: demo test test-slow lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the embedded default: convert scikit-learn's digits into every format and prove
+# that each store gives back exactly what went in.
+demo: $(STAMP)
+	$(BIN)/loadbench convert digits --format all --out $(DEMO)/stores
+	$(BIN)/loadbench verify $(DEMO)/stores --source digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .hypothesis

@@ -1,0 +1,318 @@
+"""The contract every storage format fulfils: a writer per split and a reader per split.
+
+A format is one module in `formats/` with a `Format` subclass registered by `@register_format`.
+Writers receive batches in split order, already in the storage dtype; readers give back stored
+pixels (H, W, C) in the storage dtype, one at a time (`read`) or a batch per call (`read_batch`,
+the fast path). Readers open files lazily in the process that uses them, so they can be sent to
+DataLoader workers (h5py and LMDB handles must not cross a fork) and pickled for spawn.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from loadbench.errors import CorruptStoreError, LoadbenchError
+
+DTYPES: dict[str, type[np.generic]] = {
+    "uint8": np.uint8,
+    "float16": np.float16,
+    "float32": np.float32,
+}
+
+
+def to_stored(images: np.ndarray, dtype: str) -> np.ndarray:
+    """uint8 pixels -> the storage dtype: unchanged for uint8, scaled to [0, 1] for floats."""
+    if dtype == "uint8":
+        return images
+    # Divide in float32 first so float16 and float32 stores hold the same rounded values of k/255.
+    return (images.astype(np.float32) / np.float32(255)).astype(DTYPES[dtype])
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Stored pixels -> uint8, inverting `to_stored` exactly for float16 and float32."""
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+
+
+def to_tensor(images):
+    """Stored (N, H, W, C) or (H, W, C) pixels -> float32 tensor (N, C, H, W) in [0, 1].
+
+    Converts once per batch: uint8 is scaled on the way, float16 widened, float32 only permuted.
+    """
+    import torch
+
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
+    if t.dtype == torch.uint8:
+        return t.float().div_(255)
+    return t.float().contiguous()
+
+
+@dataclass(frozen=True)
+class Option:
+    """A format option: its type, default, allowed values and one line of help."""
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    kind: type = str
+    minimum: int | None = None
+
+
+@dataclass
+class SplitLayout:
+    """What a writer needs to know about the split it writes."""
+
+    root: str
+    split: str
+    count: int
+    image_shape: tuple[int, int, int]
+    dtype: str
+    options: dict[str, Any]
+    classes: list[str] = field(default_factory=list)
+
+
+class SplitWriter:
+    """Receives a split in order, batch after batch; `close` returns manifest extras."""
+
+    def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Store a batch; return the images exactly as a reader will give them back."""
+        raise NotImplementedError
+
+    def close(self) -> dict[str, Any]:
+        return {}
+
+
+class SplitReader:
+    """Random access to one split of a store, in the storage dtype and (H, W, C) layout.
+
+    Subclasses implement `_open` (returns the per-process handle) and `read_items` (sorted,
+    unique indices); `read_batch` takes any order and repetitions.
+    """
+
+    device: str | None = None  # only device-resident readers use it
+
+    def __init__(self, root: str, manifest: Any, split: str):
+        self.root = root
+        self.split = split
+        self.count = manifest.splits[split].count
+        self.image_shape = tuple(manifest.image_shape)
+        self.dtype = manifest.dtype
+        self.options = manifest.options
+        self._handle: Any = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    # -- per-process handles ------------------------------------------------------------
+    def _open(self) -> Any:
+        """Open the files this reader needs (called once per process, on first use)."""
+        return None
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = self._open()
+            self._pid = os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and self._pid == os.getpid():
+            _close(handle)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
+    # -- reading --------------------------------------------------------------------------
+    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (n, H, W, C) and labels (n,) for sorted, unique, in-range indices."""
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """One image (H, W, C) in the storage dtype and its label."""
+        index = self._check_index(index)
+        images, labels = self.read_items(np.array([index], dtype=np.int64))
+        return images[0], int(labels[0])
+
+    def read_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Images (n, H, W, C) and labels (n,) in the order of `indices`, in one call.
+
+        Reads happen in sorted order (sequential on disk, each chunk once), then the batch is
+        put back into the order asked for.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < -self.count or indices.max() >= self.count):
+            bad = indices[(indices < -self.count) | (indices >= self.count)][0]
+            raise IndexError(f"index {bad} out of range for split {self.split!r} of {self.count}")
+        indices = np.where(indices < 0, indices + self.count, indices)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        images, labels = self.read_items(unique)
+        if len(unique) == len(indices) and np.array_equal(unique, indices):
+            return images, labels
+        return images[inverse], labels[inverse]
+
+    def read_batch_tensor(self, indices):
+        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model."""
+        import torch
+
+        images, labels = self.read_batch(indices)
+        return to_tensor(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def iter_blocks(self, block: int):
+        """(start, images, labels) over the whole split in order, `block` images at a time."""
+        for start in range(0, self.count, block):
+            stop = min(start + block, self.count)
+            images, labels = self.read_items(np.arange(start, stop, dtype=np.int64))
+            yield start, images, labels
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(f"index out of range for split {self.split!r} of {self.count}")
+        return index
+
+    def _empty(self, n: int) -> np.ndarray:
+        return np.empty((n, *self.image_shape), dtype=DTYPES[self.dtype])
+
+    def _damaged(self, what: str, error: Exception | str) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"store {self.root} is damaged: {what}: {error}; run `loadbench verify {self.root}` "
+            "and convert again"
+        )
+
+
+def _close(handle: Any) -> None:
+    items = handle.values() if isinstance(handle, dict) else (
+        handle if isinstance(handle, (list, tuple)) else [handle]
+    )
+    for item in items:
+        closer = getattr(item, "close", None)
+        if callable(closer):
+            try:
+                closer()
+            except Exception:
+                pass
+
+
+def gather_ranges(indices: np.ndarray, block: int) -> list[tuple[int, int, np.ndarray]]:
+    """Group sorted indices by `block`-sized chunk: (first, last + 1, positions) per group.
+
+    Chunked stores decode a whole chunk per read, so a batch is read one chunk-spanning slice
+    at a time instead of one image at a time.
+    """
+    if len(indices) == 0:
+        return []
+    chunk = indices // block
+    cuts = np.flatnonzero(np.diff(chunk)) + 1
+    groups = []
+    for pos in np.split(np.arange(len(indices)), cuts):
+        groups.append((int(indices[pos[0]]), int(indices[pos[-1]]) + 1, pos))
+    return groups
+
+
+def read_by_chunks(
+    indices: np.ndarray, block: int, read_slice, out: np.ndarray
+) -> np.ndarray:
+    """Fill `out` with `read_slice(lo, hi)[indices - lo]`, one slice per chunk touched."""
+    for lo, hi, pos in gather_ranges(indices, block):
+        out[pos] = read_slice(lo, hi)[indices[pos] - lo]
+    return out
+
+
+class Format:
+    """A storage format: name, allowed dtypes, options, and its writer and reader classes."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    dtypes: ClassVar[tuple[str, ...]] = tuple(DTYPES)
+    options: ClassVar[dict[str, Option]] = {}
+    writer_class: ClassVar[type[SplitWriter]]
+    reader_class: ClassVar[type[SplitReader]]
+    # Formats of one file per image list only their index files in the manifest.
+    tracks_every_file: ClassVar[bool] = True
+    # Bumped when the on-disk layout changes; readers refuse stores of another version.
+    version: ClassVar[int] = 1
+
+    def resolve_options(self, dtype: str, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in, types coerced, unknown options and bad values rejected."""
+        if dtype not in DTYPES:
+            raise LoadbenchError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if dtype not in self.dtypes:
+            array_formats = ", ".join(f.name for f in _registry().values() if dtype in f.dtypes)
+            raise LoadbenchError(
+                f"{self.name} stores {'/'.join(self.dtypes)} images only; use --dtype "
+                f"{self.dtypes[0]} (float16/float32 are for array formats: {array_formats})"
+            )
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise LoadbenchError(
+                f"format {self.name} has no option {', '.join(unknown)} (its options: {known})"
+            )
+        resolved = {}
+        for key, opt in self.options.items():
+            value = given.get(key, opt.default)
+            if value is not None and not isinstance(value, opt.kind):
+                try:
+                    value = opt.kind(value)
+                except (TypeError, ValueError):
+                    raise LoadbenchError(
+                        f"{self.name} option {key}={value!r} is not a {opt.kind.__name__}"
+                    ) from None
+            if opt.choices is not None and value not in opt.choices:
+                raise LoadbenchError(
+                    f"{self.name} option {key}={value!r} is not one of "
+                    f"{', '.join(map(str, opt.choices))}"
+                )
+            if opt.minimum is not None and value is not None and value < opt.minimum:
+                raise LoadbenchError(f"{self.name} option {key}={value} must be >= {opt.minimum}")
+            resolved[key] = value
+        self.check(dtype, resolved)
+        return resolved
+
+    def check(self, dtype: str, options: dict[str, Any]) -> None:
+        """Combinations of dtype and options the format cannot store (override to add)."""
+
+    def is_lossy(self, options: dict[str, Any]) -> bool:
+        return False
+
+    def writer(self, layout: SplitLayout) -> SplitWriter:
+        return self.writer_class(layout)
+
+    def finalize(self, root: str, options: dict[str, Any]) -> None:
+        """Called once after every split is written (e.g. to pack a directory into a zip)."""
+
+    def reader(self, root: str, manifest: Any, split: str) -> SplitReader:
+        return self.reader_class(root, manifest, split)
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def _registry() -> dict[str, Format]:
+    from loadbench.formats import _load_formats
+
+    return _load_formats()

@@ -1,0 +1,134 @@
+"""`files-jpeg`, `files-png` — one image file per sample in class folders (the "file system" way).
+
+Layout: `<split>/<NNN>_<class>/<index>.<ext>` plus `<split>/labels.npy`. Class folders carry their
+index as a prefix, so torchvision's ImageFolder on a split folder finds the same class indices.
+Pipeline when reading: file -> PIL decode -> uint8 -> float32 (document 000's "JPEG => PIL =>
+uint8 => float32").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from loadbench.formats import codecs
+from loadbench.formats.base import (
+    Format,
+    SplitLayout,
+    SplitReader,
+    SplitWriter,
+    register_format,
+)
+
+
+def class_dirs(classes: list[str]) -> list[str]:
+    """Folder names that sort in class order and are safe on every filesystem."""
+    width = max(3, len(str(len(classes) - 1)))
+    return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', c)[:64]}" for i, c in enumerate(classes)]
+
+
+class FilesWriter(SplitWriter):
+    def __init__(self, layout: SplitLayout, codec: str):
+        self.layout = layout
+        self.codec = codec
+        self.ext = codecs.EXTENSIONS[codec]
+        self.dir = os.path.join(layout.root, layout.split)
+        self.class_dirs = class_dirs(layout.classes)
+        for name in self.class_dirs:
+            os.makedirs(os.path.join(self.dir, name), exist_ok=True)
+        self.width = max(7, len(str(max(layout.count - 1, 0))))
+        self.labels = np.empty(layout.count, dtype=np.int64)
+        self.pos = 0
+        self.pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+
+    def path(self, index: int, label: int) -> str:
+        return os.path.join(self.dir, self.class_dirs[label], f"{index:0{self.width}d}.{self.ext}")
+
+    def _store(self, item: tuple[int, np.ndarray, int]) -> np.ndarray:
+        index, image, label = item
+        data = codecs.encode(image, self.codec, self.layout.options)
+        with open(self.path(index, label), "wb") as f:
+            f.write(data)
+        # JPEG is lossy: the checksum must cover what a reader decodes, not what went in.
+        return codecs.decode(data, image.shape[2]) if self.codec == "jpeg" else image
+
+    def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        items = [(self.pos + k, images[k], int(labels[k])) for k in range(len(images))]
+        stored = np.stack(list(self.pool.map(self._store, items))) if items else images
+        self.labels[self.pos : self.pos + len(images)] = labels
+        self.pos += len(images)
+        return stored
+
+    def close(self) -> dict:
+        self.pool.shutdown()
+        np.save(os.path.join(self.dir, "labels.npy"), self.labels)
+        return {"class_dirs": self.class_dirs, "name_width": self.width, "extension": self.ext}
+
+
+class FilesReader(SplitReader):
+    def __init__(self, root, manifest, split):
+        super().__init__(root, manifest, split)
+        info = manifest.splits[split].model_extra
+        self.dir = os.path.join(root, split)
+        self.class_dirs = info["class_dirs"]
+        self.width = info["name_width"]
+        self.ext = info["extension"]
+
+    def _open(self):
+        try:
+            labels = np.load(os.path.join(self.dir, "labels.npy"))
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"{self.split}/labels.npy", e) from None
+        if len(labels) != self.count:
+            raise self._damaged(f"{self.split}/labels.npy", f"{len(labels)} labels")
+        return labels
+
+    def path(self, index: int, label: int) -> str:
+        return os.path.join(self.dir, self.class_dirs[label], f"{index:0{self.width}d}.{self.ext}")
+
+    def read_items(self, indices: np.ndarray):
+        labels = self.handle[indices]
+        out = self._empty(len(indices))
+        for k, (index, label) in enumerate(zip(indices, labels, strict=True)):
+            path = self.path(int(index), int(label))
+            try:
+                with open(path, "rb") as f:
+                    out[k] = codecs.decode(f.read(), self.image_shape[2])
+            except (OSError, ValueError, SyntaxError) as e:
+                raise self._damaged(f"cannot read {path}", e) from None
+        return out, labels
+
+
+class _FilesFormat(Format):
+    dtypes = ("uint8",)
+    reader_class = FilesReader
+    tracks_every_file = False
+    codec: str
+
+    def writer(self, layout: SplitLayout) -> SplitWriter:
+        return FilesWriter(layout, self.codec)
+
+
+@register_format
+class JpegFilesFormat(_FilesFormat):
+    name = "files-jpeg"
+    summary = "one JPEG file per image in class folders (lossy; PIL decode)"
+    codec = "jpeg"
+    options = codecs.JPEG_OPTIONS
+
+    def check(self, dtype, options):
+        codecs.check_quality(self.name, options)
+
+    def is_lossy(self, options):
+        return True
+
+
+@register_format
+class PngFilesFormat(_FilesFormat):
+    name = "files-png"
+    summary = "one PNG file per image in class folders (lossless; PIL decode)"
+    codec = "png"
+    options = codecs.PNG_OPTIONS

@@ -1,0 +1,106 @@
+"""`lmdb` — one LMDB environment (a single memory-mapped file) per split, one key per image.
+
+Key: the index as 8 big-endian bytes (keys sort in split order, so writes append and a range
+of indices is a range of pages). Value: the label (int64, 8 bytes) then the raw pixels in the
+storage dtype. A batch is read in one read transaction. Environments are opened lazily per
+process, read-only and lock-free (LMDB handles must not cross a fork).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from loadbench.formats.base import (
+    DTYPES,
+    Format,
+    SplitLayout,
+    SplitReader,
+    SplitWriter,
+    register_format,
+)
+
+LABEL_BYTES = 8
+
+
+def key(index: int) -> bytes:
+    return int(index).to_bytes(8, "big")
+
+
+class LmdbWriter(SplitWriter):
+    def __init__(self, layout: SplitLayout):
+        import lmdb
+
+        self.path = os.path.join(layout.root, f"{layout.split}.lmdb")
+        image_bytes = int(np.prod(layout.image_shape)) * np.dtype(DTYPES[layout.dtype]).itemsize
+        # The map is only an address-space reservation; the file grows with the data.
+        map_size = (layout.count * (image_bytes + LABEL_BYTES + 64)) * 2 + (64 << 20)
+        self.env = lmdb.open(
+            self.path, map_size=map_size, subdir=False, readahead=False, meminit=False,
+            max_dbs=0, sync=False,
+        )  # fmt: skip
+        self.pos = 0
+
+    def write(self, images, labels):
+        with self.env.begin(write=True) as txn:
+            for k in range(len(images)):
+                label = np.int64(labels[k]).tobytes()
+                txn.put(key(self.pos + k), label + images[k].tobytes(), append=True)
+        self.pos += len(images)
+        return images
+
+    def close(self):
+        self.env.sync(True)
+        self.env.close()
+        lock = self.path + "-lock"
+        if os.path.exists(lock):
+            os.remove(lock)  # readers open lock-free; a stale lock file is not part of the store
+        return {}
+
+
+class LmdbReader(SplitReader):
+    def _open(self):
+        import lmdb
+
+        path = os.path.join(self.root, f"{self.split}.lmdb")
+        try:
+            env = lmdb.open(
+                path, subdir=False, readonly=True, lock=False, readahead=False, meminit=False
+            )
+        except lmdb.Error as e:
+            raise self._damaged(f"{self.split}.lmdb cannot be opened", e) from None
+        entries = env.stat()["entries"]
+        if entries != self.count:
+            env.close()
+            raise self._damaged(f"{self.split}.lmdb has {entries} entries", f"{self.count} expected")
+        return env
+
+    def read_items(self, indices):
+        import lmdb
+
+        out = self._empty(len(indices))
+        labels = np.empty(len(indices), dtype=np.int64)
+        flat = out.reshape(len(indices), -1).view(np.uint8)
+        try:
+            with self.handle.begin(buffers=True) as txn:
+                for k, index in enumerate(indices):
+                    value = txn.get(key(index))
+                    if value is None:
+                        raise self._damaged(f"{self.split}.lmdb has no image {index}", "missing key")
+                    raw = np.frombuffer(value, dtype=np.uint8)
+                    labels[k] = raw[:LABEL_BYTES].view(np.int64)[0]
+                    flat[k] = raw[LABEL_BYTES:]  # copied out before the transaction ends
+        except lmdb.Error as e:
+            raise self._damaged(f"{self.split}.lmdb cannot be read", e) from None
+        except ValueError as e:
+            raise self._damaged(f"{self.split}.lmdb holds a value of the wrong size", e) from None
+        return out, labels
+
+
+@register_format
+class LmdbFormat(Format):
+    name = "lmdb"
+    summary = "LMDB key-value file per split, one key per image (raw pixels)"
+    writer_class = LmdbWriter
+    reader_class = LmdbReader

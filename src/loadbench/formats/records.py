@@ -1,0 +1,112 @@
+"""What the record formats (webdataset, tfrecord) share: shards, payload encoding, indexes.
+
+Both write samples in order into shards of `shard_size` images, each sample's image either as
+raw pixels (`npy`/`raw`, any dtype) or encoded (`png`, `jpeg`; uint8 only). Both keep, beside
+the shards, an index of where each image's bytes start in which shard, so that a shuffled
+`read_batch` can seek (`os.pread`) straight to them; streaming readers ignore the index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from loadbench.errors import LoadbenchError
+from loadbench.formats import codecs
+from loadbench.formats.base import Option, SplitReader
+
+INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i8")])
+
+SHARD_OPTION = {"shard_size": Option(10_000, "images per shard", kind=int, minimum=1)}
+
+
+def encoding_options(raw_name: str) -> dict[str, Option]:
+    return {
+        "encoding": Option(raw_name, "how an image is stored", choices=(raw_name, "png", "jpeg")),
+        **codecs.JPEG_OPTIONS,
+        **codecs.PNG_OPTIONS,
+    }
+
+
+def check_encoding(format_name: str, raw_name: str, dtype: str, options: dict) -> None:
+    if options["encoding"] != raw_name and dtype != "uint8":
+        raise LoadbenchError(
+            f"{format_name} encoding={options['encoding']} stores uint8 images only; "
+            f"use --dtype uint8 or encoding={raw_name}"
+        )
+    codecs.check_quality(format_name, options)
+
+
+def encode_image(image: np.ndarray, encoding: str, options: dict) -> tuple[bytes, np.ndarray]:
+    """(payload bytes, the image as a reader will decode it) for png/jpeg encodings."""
+    data = codecs.encode(image, encoding, options)
+    return data, (codecs.decode(data, image.shape[2]) if encoding == "jpeg" else image)
+
+
+def save_index(root: str, split: str, index: np.ndarray) -> None:
+    np.save(os.path.join(root, f"{split}-index.npy"), index)
+
+
+class ShardReader(SplitReader):
+    """Random access through the index: one `pread` per image, shard files opened lazily."""
+
+    shard_names: list[str]
+
+    def __init__(self, root, manifest, split):
+        super().__init__(root, manifest, split)
+        self.shard_names = manifest.splits[split].model_extra["shards"]
+
+    def _open(self):
+        try:
+            index = np.load(os.path.join(self.root, f"{self.split}-index.npy"))
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"{self.split}-index.npy", e) from None
+        if len(index) != self.count:
+            raise self._damaged(f"{self.split}-index.npy", f"{len(index)} entries")
+        return {"index": index, "fds": {}}
+
+    def _fd(self, shard: int) -> int:
+        fds = self.handle["fds"]
+        if shard not in fds:
+            path = os.path.join(self.root, self.shard_names[shard])
+            try:
+                fds[shard] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise self._damaged(f"shard {self.shard_names[shard]}", e) from None
+        return fds[shard]
+
+    def payload(self, entry) -> bytes:
+        data = os.pread(self._fd(int(entry["shard"])), int(entry["size"]), int(entry["offset"]))
+        if len(data) != entry["size"]:
+            raise self._damaged(f"shard {self.shard_names[int(entry['shard'])]}", "truncated")
+        return data
+
+    def decode_payload(self, data: bytes, encoding: str) -> np.ndarray:
+        try:
+            if encoding in ("png", "jpeg"):
+                return codecs.decode(data, self.image_shape[2])
+            return self.decode_raw(data)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise self._damaged("an image cannot be decoded", e) from None
+
+    def decode_raw(self, data: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def payload_of(self, data: bytes) -> bytes:
+        """The image bytes inside what the index points at (the whole record by default)."""
+        return data
+
+    def read_items(self, indices):
+        entries = self.handle["index"][indices]
+        out = self._empty(len(indices))
+        encoding = self.options["encoding"]
+        for k, entry in enumerate(entries):
+            out[k] = self.decode_payload(self.payload_of(self.payload(entry)), encoding)
+        return out, entries["label"].astype(np.int64)
+
+    def close(self):
+        handle, self._handle = self._handle, None
+        if handle is not None and self._pid == os.getpid():
+            for fd in handle["fds"].values():
+                os.close(fd)

@@ -1,0 +1,89 @@
+"""`tensor` — the whole split resident on the training device (CUDA when present, else CPU).
+
+On disk it is the same pair of `.npy` files as `npy`; the difference is how it is read: loaded
+once, whole, onto the device and indexed there (airbench's loader, the modern form of the
+study's "CuPy mmap"). When CUDA and CuPy are both present the arrays are read by CuPy and handed
+to PyTorch zero-copy through DLPack. Inside DataLoader worker processes, where CUDA cannot be
+used, the split is held in CPU memory instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from loadbench.formats.base import Format, SplitReader, register_format, to_tensor
+from loadbench.formats.npy import NpyWriter
+
+
+def choose_device(requested: str | None = None) -> str:
+    """`cuda` when available and usable in this process, else `cpu`; an explicit choice wins."""
+    import torch
+
+    if requested not in (None, "auto"):
+        return requested
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        return "cpu"  # CUDA cannot be initialised in a forked DataLoader worker
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_resident(path: str, device: str):
+    """A whole `.npy` file as a tensor on `device` (CuPy + DLPack when both are there)."""
+    import torch
+
+    if device.startswith("cuda"):
+        try:
+            import cupy
+        except ImportError:
+            cupy = None
+        if cupy is not None:
+            with cupy.cuda.Device(torch.device(device).index or 0):
+                return torch.from_dlpack(cupy.load(path))
+        return torch.from_numpy(np.load(path)).to(device)
+    return torch.from_numpy(np.load(path))
+
+
+class TensorReader(SplitReader):
+    device: str | None = None  # set by the store; None = choose at open
+
+    def _open(self):
+        base = os.path.join(self.root, self.split)
+        device = choose_device(self.device)
+        try:
+            images = load_resident(base + "_images.npy", device)
+            labels = load_resident(base + "_labels.npy", device)
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"{self.split} arrays cannot be loaded", e) from None
+        if tuple(images.shape) != (self.count, *self.image_shape):
+            raise self._damaged(f"{self.split} images have shape {tuple(images.shape)}", "wrong shape")
+        return {"images": images, "labels": labels, "device": images.device}
+
+    def read_items(self, indices):
+        h = self.handle
+        index = _index_tensor(indices, h["device"])
+        return h["images"][index].cpu().numpy(), h["labels"][index].cpu().numpy()
+
+    def read_batch_tensor(self, indices):
+        """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it."""
+        h = self.handle
+        index = _index_tensor(indices, h["device"])
+        return to_tensor(h["images"][index]), h["labels"][index]
+
+
+def _index_tensor(indices, device):
+    import torch
+
+    if isinstance(indices, torch.Tensor):
+        return indices.to(device=device, dtype=torch.long)
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)
+
+
+@register_format
+class TensorFormat(Format):
+    name = "tensor"
+    summary = "whole split resident on the device (CUDA if present; CuPy+DLPack if installed)"
+    writer_class = NpyWriter
+    reader_class = TensorReader

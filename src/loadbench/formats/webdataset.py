@@ -1,0 +1,109 @@
+"""`webdataset` — POSIX tar shards in the WebDataset convention, written with its `ShardWriter`.
+
+Each sample is `<key>.npy` (raw pixels, any dtype) or `<key>.png` / `<key>.jpg`, plus `<key>.cls`
+(the label as text), so the `webdataset` library streams the shards as they are. For random
+access an index of member offsets is kept beside the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+
+from loadbench.formats.base import Format, SplitLayout, SplitWriter, register_format
+from loadbench.formats.records import (
+    INDEX_DTYPE,
+    SHARD_OPTION,
+    ShardReader,
+    check_encoding,
+    encode_image,
+    encoding_options,
+    save_index,
+)
+
+EXTENSION = {"npy": "npy", "png": "png", "jpeg": "jpg"}
+
+
+class WebDatasetWriter(SplitWriter):
+    def __init__(self, layout: SplitLayout):
+        import webdataset as wds
+
+        self.layout = layout
+        self.encoding = layout.options["encoding"]
+        self.pattern = os.path.join(layout.root, f"{layout.split}-%06d.tar")
+        self.writer = wds.ShardWriter(
+            self.pattern, maxcount=layout.options["shard_size"], maxsize=1 << 62, verbose=0
+        )
+        self.pos = 0
+
+    def write(self, images, labels):
+        ext = EXTENSION[self.encoding]
+        stored = images
+        if self.encoding != "npy":
+            stored = np.empty_like(images)
+        for k in range(len(images)):
+            if self.encoding == "npy":
+                payload = _npy_bytes(images[k])
+            else:
+                payload, stored[k] = encode_image(images[k], self.encoding, self.layout.options)
+            self.writer.write(
+                {"__key__": f"{self.pos + k:08d}", ext: payload, "cls": str(int(labels[k]))}
+            )
+        self.pos += len(images)
+        return stored
+
+    def close(self):
+        self.writer.close()
+        shards = sorted(
+            n for n in os.listdir(self.layout.root)
+            if n.startswith(f"{self.layout.split}-") and n.endswith(".tar")
+        )  # fmt: skip
+        save_index(self.layout.root, self.layout.split, _scan(self.layout.root, shards))
+        return {"shards": shards}
+
+
+def _npy_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, image, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _scan(root: str, shards: list[str]) -> np.ndarray:
+    """Offset and size of every sample's image member, and its label, in sample order."""
+    rows = []
+    for number, name in enumerate(shards):
+        images, labels = {}, {}
+        with tarfile.open(os.path.join(root, name)) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext == "cls":
+                    labels[key] = int(tar.extractfile(member).read())
+                elif ext in EXTENSION.values():
+                    images[key] = (member.offset_data, member.size)
+        for key in sorted(images):
+            offset, size = images[key]
+            rows.append((number, offset, size, labels[key]))
+    return np.array(rows, dtype=INDEX_DTYPE)
+
+
+class WebDatasetReader(ShardReader):
+    def decode_raw(self, data: bytes) -> np.ndarray:
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+@register_format
+class WebDatasetFormat(Format):
+    name = "webdataset"
+    summary = "WebDataset tar shards (<key>.npy|png|jpg + <key>.cls), streamable"
+    options = {**SHARD_OPTION, **encoding_options("npy")}
+    writer_class = WebDatasetWriter
+    reader_class = WebDatasetReader
+
+    def check(self, dtype, options):
+        check_encoding(self.name, "npy", dtype, options)
+
+    def is_lossy(self, options):
+        return options["encoding"] == "jpeg"

@@ -1,0 +1,170 @@
+"""`zarr` — a Zarr v3 group with an array per split (`train/images`), in a directory or a zip.
+
+Chunks of `chunk_images` images (default: about 1 MiB each), optionally compressed (Blosc zstd or
+lz4, Zstandard, gzip). Every read decodes whole chunks, so a batch is read one slice per chunk;
+one image at a time decodes a whole chunk per image (the cost the benchmark shows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+
+import numpy as np
+
+from loadbench.errors import LoadbenchError
+from loadbench.formats.base import (
+    DTYPES,
+    Format,
+    Option,
+    SplitLayout,
+    SplitReader,
+    SplitWriter,
+    read_by_chunks,
+    register_format,
+)
+from loadbench.formats.hdf5 import auto_chunk
+
+DIRECTORY = "data.zarr"
+ZIP = "data.zarr.zip"
+COMPRESSIONS = ("none", "blosc-zstd", "blosc-lz4", "zstd", "gzip")
+DEFAULT_LEVEL = {"blosc-zstd": 5, "blosc-lz4": 5, "zstd": 3, "gzip": 5}
+
+
+def compressors(name: str, level: int | None, itemsize: int):
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    level = DEFAULT_LEVEL.get(name) if level is None else level
+    if name == "none":
+        return None
+    if name.startswith("blosc-"):
+        shuffle = "bitshuffle" if itemsize == 1 else "shuffle"
+        return BloscCodec(cname=name[len("blosc-") :], clevel=level, shuffle=shuffle, typesize=itemsize)
+    if name == "zstd":
+        return ZstdCodec(level=level)
+    return GzipCodec(level=level)
+
+
+class ZarrWriter(SplitWriter):
+    """Buffers to whole chunks, so no chunk is written (and compressed) twice."""
+
+    def __init__(self, layout: SplitLayout):
+        import zarr
+
+        opts = layout.options
+        self.chunk = opts["chunk_images"] or auto_chunk(layout.image_shape, layout.dtype)
+        group = zarr.open_group(os.path.join(layout.root, DIRECTORY), mode="a").require_group(
+            layout.split
+        )
+        dtype = DTYPES[layout.dtype]
+        self.images = group.create_array(
+            "images",
+            shape=(layout.count, *layout.image_shape),
+            chunks=(min(self.chunk, max(layout.count, 1)), *layout.image_shape),
+            dtype=dtype,
+            compressors=compressors(opts["compression"], opts["compression_level"], np.dtype(dtype).itemsize),
+            fill_value=0,
+        )
+        self.labels = group.create_array(
+            "labels", shape=(layout.count,), chunks=(max(layout.count, 1),), dtype=np.int64
+        )
+        self.all_labels = np.empty(layout.count, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+        self.pos = 0  # images written to the array
+        self.received = 0  # images handed to write()
+
+    def write(self, images, labels):
+        self.all_labels[self.received : self.received + len(labels)] = labels
+        self.received += len(labels)
+        self.pending.append(images)
+        self.pending_n += len(images)
+        if self.pending_n >= self.chunk:
+            self._flush(whole_chunks=True)
+        return images
+
+    def _flush(self, whole_chunks: bool) -> None:
+        if not self.pending_n:
+            return
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        n = (len(data) // self.chunk) * self.chunk if whole_chunks else len(data)
+        self.images[self.pos : self.pos + n] = data[:n]
+        self.pos += n
+        rest = data[n:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_n = len(rest)
+
+    def close(self):
+        self._flush(whole_chunks=False)
+        self.labels[:] = self.all_labels
+        return {"chunk_images": self.chunk}
+
+
+class ZarrReader(SplitReader):
+    def __init__(self, root, manifest, split):
+        super().__init__(root, manifest, split)
+        self.chunk = manifest.splits[split].model_extra["chunk_images"]
+
+    def _open(self):
+        import zarr
+        from zarr.storage import LocalStore, ZipStore
+
+        zipped = self.options["store"] == "zip"
+        try:
+            if zipped:
+                store = ZipStore(os.path.join(self.root, ZIP), mode="r")
+            else:
+                store = LocalStore(os.path.join(self.root, DIRECTORY), read_only=True)
+            group = zarr.open_group(store, mode="r")
+            images, labels = group[self.split]["images"], group[self.split]["labels"][:]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise self._damaged("the zarr group cannot be opened", e) from None
+        if images.shape != (self.count, *self.image_shape):
+            raise self._damaged(f"{self.split}/images has shape {images.shape}", "wrong shape")
+        return {"store": store, "images": images, "labels": labels}
+
+    def read_items(self, indices):
+        h = self.handle
+        try:
+            out = read_by_chunks(
+                indices, self.chunk, lambda lo, hi: h["images"][lo:hi], self._empty(len(indices))
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._damaged(f"a chunk of {self.split}/images cannot be decoded", e) from None
+        return out, h["labels"][indices]
+
+    def close(self):
+        handle, self._handle = self._handle, None
+        if handle is not None and self._pid == os.getpid():
+            handle["store"].close()
+
+
+@register_format
+class ZarrFormat(Format):
+    name = "zarr"
+    summary = "Zarr v3 arrays, chunked (+ Blosc/Zstd/gzip), in a directory or a zip"
+    writer_class = ZarrWriter
+    reader_class = ZarrReader
+    options = {
+        "chunk_images": Option(None, "images per chunk (default: about 1 MiB)", kind=int, minimum=1),
+        "compression": Option("none", "chunk codec", choices=COMPRESSIONS),
+        "compression_level": Option(None, "codec level (default per codec)", kind=int, minimum=0),
+        "store": Option("dir", "a directory or one zip file", choices=("dir", "zip")),
+    }
+
+    def check(self, dtype, options):
+        if options["compression_level"] is not None and options["compression"] == "none":
+            raise LoadbenchError("zarr option compression_level needs a compression")
+
+    def finalize(self, root, options):
+        if options["store"] != "zip":
+            return
+        directory = os.path.join(root, DIRECTORY)
+        # Chunks are stored, not deflated again: zarr reads members in place.
+        with zipfile.ZipFile(os.path.join(root, ZIP), "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for dirpath, _, names in os.walk(directory):
+                for name in sorted(names):
+                    path = os.path.join(dirpath, name)
+                    z.write(path, os.path.relpath(path, directory))
+        shutil.rmtree(directory)

@@ -1,0 +1,139 @@
+"""Dataset sources: a registry of kinds, and `load_source(spec)` that every command uses.
+
+A spec is `kind[:ARG][?option=value&...]`: `digits`, `synthetic:cifar-like?count=2000`,
+`cifar10:~/data/cifar-10-python.tar.gz?limit=1000`,
+`fashion-mnist:~/data/fmnist?remap=upper=0,2,3,4,6;trousers=1;shoes=5,7,9&drop=8`.
+Options may also be passed as keywords (`load_source("digits", limit=100)`), which win over the
+spec's. Each kind lives in its own module and registers itself with `@register_source`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from pydantic import ValidationError
+
+from loadbench.errors import LoadbenchError
+from loadbench.sources.base import RawDataset, Source, SourceOptions
+
+__all__ = ["SOURCE_KINDS", "Source", "SourceOptions", "load_source", "register_source"]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    open: Callable[[str | None, Any], RawDataset]
+    options: type[SourceOptions]
+    arg: str  # what goes after the colon, for help texts; "" when the kind takes none
+    summary: str
+    arg_required: bool = True
+    arg_is_path: bool = True
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {}
+
+# Modules that register kinds; imported on first use so that `loadbench --help` stays fast.
+_KIND_MODULES = ("cifar", "idx", "tinyimagenet", "folder", "digits", "synthetic")
+
+
+def register_source(
+    name: str,
+    *,
+    options: type[SourceOptions] = SourceOptions,
+    arg: str = "PATH",
+    summary: str,
+    arg_required: bool = True,
+    arg_is_path: bool = True,
+) -> Callable:
+    """Register `fn(arg, options) -> RawDataset` as the reader of source kind `name`."""
+
+    def deco(fn: Callable[[str | None, Any], RawDataset]) -> Callable:
+        SOURCE_KINDS[name] = SourceKind(
+            name, fn, options, arg, summary, arg_required, arg_is_path
+        )
+        return fn
+
+    return deco
+
+
+def _load_kinds() -> dict[str, SourceKind]:
+    for module in _KIND_MODULES:
+        importlib.import_module(f"loadbench.sources.{module}")
+    return SOURCE_KINDS
+
+
+def split_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    """`kind:arg?a=1&b=2` -> ("kind", "arg", {"a": "1", "b": "2"})."""
+    kinds = _load_kinds()
+    head, _, query = spec.partition("?")
+    kind, sep, arg = head.partition(":")
+    kind = kind.strip().lower()
+    if kind not in kinds:
+        known = ", ".join(sorted(kinds))
+        hint = ""
+        if os.path.exists(os.path.expanduser(spec)):
+            hint = f"; to read a folder of images write folder:{spec}"
+        raise LoadbenchError(
+            f"unknown source {spec!r}: a source is KIND[:ARG] with KIND one of {known}{hint}"
+        )
+    params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
+    return kind, (arg if sep else None), params
+
+
+def load_source(spec: str, **options: Any) -> Source:
+    """Open a dataset by spec string; keyword options override those in the spec.
+
+    Example: `load_source("fashion-mnist:~/data", drop=["Bag"], limit=1000)`.
+    """
+    kind_name, arg, params = split_spec(spec)
+    kind = SOURCE_KINDS[kind_name]
+    if kind.arg_required and not arg:
+        raise LoadbenchError(f"source {kind_name} needs {kind.arg}: write {kind_name}:{kind.arg}")
+    merged: dict[str, Any] = {**params, **{k: v for k, v in options.items() if v is not None}}
+    try:
+        opts = kind.options.model_validate(merged)
+    except ValidationError as e:
+        raise LoadbenchError(_explain_options(kind, e)) from None
+    path_arg = arg
+    if arg and kind.arg_is_path:
+        path_arg = os.path.abspath(os.path.expanduser(arg))
+        if not os.path.exists(path_arg):
+            raise LoadbenchError(f"{kind_name}: {arg} does not exist ({kind.arg} expected)")
+    raw = kind.open(path_arg, opts)
+    identity = {"kind": kind_name, "arg": path_arg, **opts.model_dump(exclude_defaults=True)}
+    source = Source(kind_name, canonical_spec(kind_name, arg, opts), raw, opts, identity)
+    if getattr(opts, "skip_corrupt", False):
+        source.drop_corrupt()
+    return source
+
+
+def canonical_spec(kind: str, arg: str | None, opts: SourceOptions) -> str:
+    """The spec string that reproduces this source: options that differ from defaults, sorted."""
+    values = opts.model_dump(exclude_defaults=True)
+    query = {}
+    for key in sorted(values):
+        value = values[key]
+        if key == "remap":
+            value = ";".join(f"{new}={','.join(olds)}" for new, olds in value.items())
+        elif isinstance(value, list):
+            value = ",".join(map(str, value))
+        query[key] = str(value).lower() if isinstance(value, bool) else value
+    text = kind + (f":{arg}" if arg else "")
+    return text + (f"?{urlencode(query, safe=',;=:/')}" if query else "")
+
+
+def _explain_options(kind: SourceKind, error: ValidationError) -> str:
+    known = ", ".join(kind.options.model_fields)
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "options"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown option {where!r} (known: {known})")
+        else:
+            problems.append(f"option {where!r}: {item['msg']} (got {item.get('input')!r})")
+    return f"source {kind.name}: " + "; ".join(problems)

@@ -1,0 +1,349 @@
+"""What every source shares: raw splits, options, class remapping, carved splits and limits.
+
+A source kind (CIFAR-10, an image folder, ...) only knows how to read its published layout into
+`RawDataset`: class names, one `RawSplit` per split (all labels up front, images decoded on
+demand by index). `Source` then applies the options every kind accepts (drop/remap classes, carve
+validation or test splits, limit) by selecting indices, so nothing is decoded that is not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loadbench.errors import LoadbenchError
+
+# Images are handed around as uint8 arrays of shape (N, H, W, C): the layout of every source's
+# published files and of PIL, so nothing is transposed until a batch becomes a tensor.
+ImageShape = tuple[int, int, int]
+
+
+class SourceOptions(BaseModel):
+    """Options every source accepts (in a spec string `kind:path?limit=100` or as keywords)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int | None = Field(None, gt=0, description="first N images of every split (stratified)")
+    remap: dict[str, list[str]] | None = Field(
+        None, description="new classes from old ones: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9'"
+    )
+    drop: list[str] = Field(default_factory=list, description="classes to remove: 'Bag' or '8'")
+    val_ratio: float | None = Field(
+        None, gt=0, lt=1, description="carve a stratified 'val' split from train"
+    )
+    test_ratio: float | None = Field(
+        None, gt=0, lt=1, description="carve a stratified 'test' split from train"
+    )
+    seed: int = Field(0, description="seed of carved splits (and of generated data)")
+
+    @field_validator("remap", mode="before")
+    @classmethod
+    def _parse_remap(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_remap(value)
+        if isinstance(value, dict):
+            return {str(k): _as_list(v) for k, v in value.items()}
+        return value
+
+    @field_validator("drop", mode="before")
+    @classmethod
+    def _parse_drop(cls, value: Any) -> Any:
+        return _as_list(value)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (int, np.integer)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def parse_remap(text: str) -> dict[str, list[str]]:
+    """Parse `new=old,old;new=old` (or a JSON object) into {new: [old, ...]}."""
+    text = text.strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LoadbenchError(f"remap is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise LoadbenchError("remap JSON must be an object {new_class: [old classes]}")
+        return {str(k): _as_list(v) for k, v in parsed.items()}
+    mapping: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        new, sep, olds = part.partition("=")
+        if not sep or not new.strip() or not olds.strip():
+            raise LoadbenchError(
+                f"remap part {part!r} is not NEW=OLD[,OLD...]; "
+                "example: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9'"
+            )
+        mapping[new.strip()] = _as_list(olds)
+    if not mapping:
+        raise LoadbenchError("remap is empty; example: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9'")
+    return mapping
+
+
+class RawSplit:
+    """One split as published: every label known, images decoded on demand."""
+
+    labels: np.ndarray
+
+    def load(self, indices: np.ndarray) -> np.ndarray:
+        """Decode the images at `indices` (any order) into uint8 (n, H, W, C)."""
+        raise NotImplementedError
+
+    def original_sizes(self, indices: np.ndarray) -> OriginalSizes | None:
+        """Width, height and file size of the images before any resizing (file sources only)."""
+        return None
+
+    def corrupt(self, indices: np.ndarray) -> np.ndarray:
+        """Positions in `indices` whose images cannot be decoded (file sources only)."""
+        return np.zeros(0, dtype=np.int64)
+
+
+class ArraySplit(RawSplit):
+    """A split already decoded into memory (CIFAR, IDX, digits)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def load(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[indices]
+
+
+@dataclass
+class OriginalSizes:
+    width: np.ndarray
+    height: np.ndarray
+    file_bytes: np.ndarray
+
+
+@dataclass
+class RawDataset:
+    """What a source kind reads from its layout, before the common options are applied."""
+
+    classes: list[str]
+    image_shape: ImageShape
+    splits: dict[str, RawSplit]
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. class descriptions, file counts
+    notes: list[str] = field(default_factory=list)  # things the user should know (skipped files)
+
+
+@dataclass
+class _Selection:
+    raw: RawSplit
+    indices: np.ndarray  # positions in the raw split, in output order
+    labels: np.ndarray  # labels after remapping
+
+
+class Source:
+    """A dataset ready to convert: class names, splits, and uint8 images with int64 labels.
+
+    Use `loadbench.load_source(spec)` to get one. `split(name)` returns the whole split in memory;
+    `iter_batches(name, n)` streams it so that big datasets convert in bounded memory.
+    """
+
+    def __init__(
+        self, kind: str, spec: str, raw: RawDataset, options: SourceOptions, identity: dict
+    ):
+        self.kind = kind
+        self.spec = spec
+        self.options = options
+        self.identity = identity  # what makes two loads of this source the same data
+        self.image_shape: ImageShape = raw.image_shape
+        self.details = raw.details
+        self.notes = list(raw.notes)
+        self.classes, selections = _apply_options(raw, options)
+        self._splits = selections
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self._splits)
+
+    def _get(self, split: str) -> _Selection:
+        try:
+            return self._splits[split]
+        except KeyError:
+            raise LoadbenchError(
+                f"source {self.spec} has no split {split!r}; it has {', '.join(self._splits)}"
+            ) from None
+
+    def count(self, split: str) -> int:
+        return len(self._get(split).indices)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._get(split).labels
+
+    def iter_batches(
+        self, split: str, batch_size: int = 1024
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (images uint8 (n,H,W,C), labels int64 (n,)) in split order."""
+        sel = self._get(split)
+        for start in range(0, len(sel.indices), batch_size):
+            idx = sel.indices[start : start + batch_size]
+            yield sel.raw.load(idx), sel.labels[start : start + batch_size]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split: (images uint8 (N,H,W,C), labels int64 (N,))."""
+        n = self.count(name)
+        images = np.empty((n, *self.image_shape), dtype=np.uint8)
+        pos = 0
+        for batch, _ in self.iter_batches(name):
+            images[pos : pos + len(batch)] = batch
+            pos += len(batch)
+        return images, self.labels(name).copy()
+
+    def original_sizes(self, split: str) -> OriginalSizes | None:
+        sel = self._get(split)
+        return sel.raw.original_sizes(sel.indices)
+
+    def drop_corrupt(self) -> int:
+        """Remove images that cannot be decoded from every split; returns how many were removed."""
+        removed = 0
+        for name, sel in self._splits.items():
+            bad = sel.raw.corrupt(sel.indices)
+            if len(bad):
+                keep = np.setdiff1d(np.arange(len(sel.indices)), bad)
+                self._splits[name] = _Selection(sel.raw, sel.indices[keep], sel.labels[keep])
+                removed += len(bad)
+                self.notes.append(f"{name}: skipped {len(bad)} corrupt image(s)")
+        return removed
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for manifests: spec, identity, classes, counts."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "identity": self.identity,
+            "options": self.options.model_dump(exclude_defaults=True),
+            "image_shape": list(self.image_shape),
+            "splits": {s: self.count(s) for s in self.splits},
+            "notes": self.notes,
+        }
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
+        h, w, c = self.image_shape
+        return f"Source({self.spec!r}, {h}x{w}x{c}, {len(self.classes)} classes, {counts})"
+
+
+def _apply_options(
+    raw: RawDataset, opts: SourceOptions
+) -> tuple[list[str], dict[str, _Selection]]:
+    classes, old_to_new = _class_mapping(raw.classes, opts)
+    selections: dict[str, _Selection] = {}
+    for name, split in raw.splits.items():
+        new_labels = old_to_new[split.labels]
+        keep = np.flatnonzero(new_labels >= 0)
+        selections[name] = _Selection(split, keep, new_labels[keep])
+    for carved, ratio in (("test", opts.test_ratio), ("val", opts.val_ratio)):
+        if ratio is None:
+            continue
+        if carved in selections:
+            raise LoadbenchError(
+                f"{carved}_ratio given but the source already has a {carved!r} split; "
+                f"drop {carved}_ratio to use it"
+            )
+        if "train" not in selections:
+            raise LoadbenchError(f"{carved}_ratio needs a 'train' split to carve from")
+        train = selections["train"]
+        take = _stratified_sample(train.labels, ratio, opts.seed + (1 if carved == "val" else 0))
+        rest = np.setdiff1d(np.arange(len(train.indices)), take)
+        selections[carved] = _Selection(train.raw, train.indices[take], train.labels[take])
+        selections["train"] = _Selection(train.raw, train.indices[rest], train.labels[rest])
+    if opts.limit is not None:
+        for name, sel in selections.items():
+            pos = first_n_stratified(sel.labels, opts.limit)
+            selections[name] = _Selection(sel.raw, sel.indices[pos], sel.labels[pos])
+    order = [s for s in ("train", "val", "test") if s in selections]
+    order += [s for s in selections if s not in order]
+    return classes, {s: selections[s] for s in order}
+
+
+def _class_ref(ref: str, classes: list[str]) -> int:
+    """A class given by name, or by index when no class has that name."""
+    if ref in classes:
+        return classes.index(ref)
+    if ref.lstrip("-").isdigit() and 0 <= int(ref) < len(classes):
+        return int(ref)
+    shown = ", ".join(f"{i}={c}" for i, c in enumerate(classes[:20]))
+    more = f", ... ({len(classes)} in all)" if len(classes) > 20 else ""
+    raise LoadbenchError(f"unknown class {ref!r}; the source's classes are {shown}{more}")
+
+
+def _class_mapping(classes: list[str], opts: SourceOptions) -> tuple[list[str], np.ndarray]:
+    """New class names and an old-index -> new-index table (-1 = dropped)."""
+    dropped = {_class_ref(r, classes) for r in opts.drop}
+    old_to_new = np.full(len(classes), -1, dtype=np.int64)
+    if not opts.remap:
+        kept = [i for i in range(len(classes)) if i not in dropped]
+        old_to_new[kept] = np.arange(len(kept))
+        return [classes[i] for i in kept], old_to_new
+    for new_index, olds in enumerate(opts.remap.values()):
+        for ref in olds:
+            old = _class_ref(ref, classes)
+            if old in dropped or old_to_new[old] >= 0:
+                raise LoadbenchError(f"class {classes[old]!r} is mapped or dropped twice in remap")
+            old_to_new[old] = new_index
+    missing = [classes[i] for i in range(len(classes)) if old_to_new[i] < 0 and i not in dropped]
+    if missing:
+        raise LoadbenchError(
+            f"remap does not say where class(es) {', '.join(map(repr, missing))} go; "
+            "map them to a new class or list them in drop"
+        )
+    return list(opts.remap), old_to_new
+
+
+def first_n_stratified(labels: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the first `n` items, as evenly spread over classes as counts allow.
+
+    Keeps the original order, so a limit of a CIFAR split is still 'the first images', just
+    with every class present.
+    """
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), dtype=np.int64)
+    left = n
+    # Water-filling: classes smaller than an equal share give their unused share to the others.
+    for rank, ci in enumerate(np.argsort(counts, kind="stable")):
+        share = left // (len(classes) - rank)
+        quota[ci] = min(counts[ci], share)
+        left -= quota[ci]
+    # The remainder of the integer division goes to the first classes that still have images.
+    for ci in range(len(classes)):
+        if left == 0:
+            break
+        if quota[ci] < counts[ci]:
+            quota[ci] += 1
+            left -= 1
+    class_pos = np.searchsorted(classes, labels)
+    # Rank of every item inside its class, in original order (a stable sort groups the classes).
+    order = np.argsort(class_pos, kind="stable")
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    rank_in_class[order] = np.arange(len(labels)) - starts
+    return np.flatnonzero(rank_in_class < quota[class_pos])
+
+
+def _stratified_sample(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded, per-class `ratio` sample (at least one per class if >1)."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        pos = np.flatnonzero(labels == c)
+        k = int(round(ratio * len(pos)))
+        if k == 0 and len(pos) > 1:
+            k = 1
+        picked.append(rng.choice(pos, size=k, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)

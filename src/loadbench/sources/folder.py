@@ -1,0 +1,103 @@
+"""`folder:PATH` — a class-per-subfolder image tree, as torchvision's ImageFolder reads it.
+
+Either PATH/<class>/**/<image> (one split, `train`) or PATH/{train,val,test}/<class>/**/<image>.
+Sample order and class indices equal ImageFolder's on the same tree: classes are the sorted
+subfolder names; files are taken class by class, walking each class folder in sorted order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from loadbench.errors import LoadbenchError
+from loadbench.sources import register_source
+from loadbench.sources.base import RawDataset, SourceOptions
+from loadbench.sources.images import FileSplit, image_size, is_image_file, parse_size
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class ImageFileOptions(SourceOptions):
+    size: str | None = Field(
+        None, description="resize+centre-crop to N or HxW (default: the first image's size)"
+    )
+    channels: int = Field(3, description="1 (grayscale) or 3 (RGB)")
+    skip_corrupt: bool = Field(False, description="skip unreadable images instead of stopping")
+
+    @field_validator("channels")
+    @classmethod
+    def _one_or_three(cls, value: int) -> int:
+        if value not in (1, 3):
+            raise ValueError("must be 1 (grayscale) or 3 (RGB)")
+        return value
+
+
+def find_classes(directory: str) -> list[str]:
+    """Sorted names of the subfolders, as ImageFolder.find_classes."""
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+        raise LoadbenchError(
+            f"no class folders in {directory}; expected {directory}/<class>/<image files>"
+        )
+    return classes
+
+
+def make_samples(directory: str, classes: list[str]) -> tuple[list[str], list[int]]:
+    """(paths, class indices) in ImageFolder's order (torchvision.datasets.folder.make_dataset)."""
+    paths: list[str] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(directory, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for root, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+            for fname in sorted(fnames):
+                if is_image_file(fname):
+                    paths.append(os.path.join(root, fname))
+                    labels.append(index)
+    return paths, labels
+
+
+def _has_split_layout(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "train"))
+
+
+@register_source(
+    "folder",
+    options=ImageFileOptions,
+    arg="PATH",
+    summary="class-per-subfolder image tree (ImageFolder layout), optionally with train/val/test",
+)
+def open_folder(path: str, opts: ImageFileOptions) -> RawDataset:
+    if not os.path.isdir(path):
+        raise LoadbenchError(f"folder source {path} is not a directory")
+    if _has_split_layout(path):
+        split_dirs = {
+            s: os.path.join(path, s) for s in SPLIT_NAMES if os.path.isdir(os.path.join(path, s))
+        }
+    else:
+        split_dirs = {"train": path}
+    classes = find_classes(split_dirs["train"])
+    samples = {}
+    for split, directory in split_dirs.items():
+        extra = sorted(set(find_classes(directory)) - set(classes))
+        if extra:
+            raise LoadbenchError(
+                f"{directory} has class folder(s) {', '.join(extra)} that train does not have; "
+                "every split must use the training classes"
+            )
+        paths, labels = make_samples(directory, classes)
+        if not paths:
+            raise LoadbenchError(
+                f"no image files ({', '.join(('.jpg', '.png', '...'))}) under {directory}/<class>/"
+            )
+        samples[split] = (paths, labels)
+    size = parse_size(opts.size) or image_size(samples["train"][0][0])
+    splits = {
+        s: FileSplit(paths, np.array(labels), size, opts.channels)
+        for s, (paths, labels) in samples.items()
+    }
+    return RawDataset(classes=classes, image_shape=(*size, opts.channels), splits=splits)

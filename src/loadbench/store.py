@@ -1,0 +1,241 @@
+"""A store on disk: one directory, one format, one dtype, a `manifest.json` that describes it.
+
+`open_store(path)` checks the manifest and that every file it lists is present at its recorded
+size, then hands out per-split readers, torch Datasets and batches as float32 tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from loadbench.errors import CorruptStoreError, LoadbenchError
+from loadbench.formats import DTYPES, FORMAT_NAMES, get_format
+from loadbench.formats.base import SplitReader, to_tensor
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    count: int
+    label_counts: list[int]
+    images_sha256: str
+    labels_sha256: str
+    block_sha256: list[str]
+
+
+class Manifest(BaseModel):
+    """Everything needed to read a store back and to know what is in it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loadbench_store: int  # schema version of this manifest
+    format: str
+    format_version: int
+    dtype: str
+    image_shape: tuple[int, int, int]
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    options: dict[str, Any]
+    lossy: bool
+    checksum_block: int  # images per block hash in `block_sha256`
+    identity: str  # hash of (source, format, dtype, options): same identity, same store
+    source: dict[str, Any]
+    files: dict[str, int]  # relative path -> size in bytes, checked on open
+    bytes: int  # total size of the store's files
+    bytes_allocated: int  # what the filesystem allocates for them (blocks)
+    convert_time_s: float
+    created: str
+    loadbench_version: str
+
+
+def read_manifest(path: str) -> Manifest:
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise LoadbenchError(f"no store at {path}: not a directory")
+    if not os.path.isfile(file):
+        stores = find_stores(path)
+        if stores:
+            names = ", ".join(os.path.relpath(s, path) for s in stores[:5])
+            raise LoadbenchError(
+                f"{path} is a folder of {len(stores)} stores ({names}{', ...' if len(stores) > 5 else ''}); "
+                "open one of them"
+            )
+        raise LoadbenchError(
+            f"{path} is not a loadbench store: it has no {MANIFEST}; create one with "
+            f"`loadbench convert SOURCE --format FORMAT --out {path}`"
+        )
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStoreError(f"{file} is not readable JSON ({e}); convert the store again") from None
+    if not isinstance(data, dict) or "loadbench_store" not in data:
+        raise LoadbenchError(
+            f"{file} was not written by loadbench (no 'loadbench_store' key); "
+            "point at a store made by `loadbench convert`"
+        )
+    if data["loadbench_store"] != SCHEMA_VERSION:
+        raise LoadbenchError(
+            f"{file} has store schema {data['loadbench_store']}, this loadbench reads "
+            f"{SCHEMA_VERSION}; convert the store again with this version"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise CorruptStoreError(f"{file} is damaged: {where}: {first['msg']}") from None
+    if manifest.format not in FORMAT_NAMES:
+        raise LoadbenchError(f"{file} names unknown format {manifest.format!r}")
+    if manifest.dtype not in DTYPES:
+        raise CorruptStoreError(f"{file} names unknown dtype {manifest.dtype!r}")
+    return manifest
+
+
+def find_stores(path: str) -> list[str]:
+    """Stores directly inside `path` (one level down), sorted by name."""
+    if not os.path.isdir(path):
+        return []
+    found = [
+        e.path for e in os.scandir(path) if e.is_dir() and os.path.isfile(os.path.join(e.path, MANIFEST))
+    ]
+    return sorted(found)
+
+
+def check_files(path: str, manifest: Manifest) -> None:
+    """Every file the manifest lists exists with the recorded size (catches truncation)."""
+    for rel, size in manifest.files.items():
+        file = os.path.join(path, rel)
+        try:
+            actual = os.path.getsize(file)
+        except OSError:
+            raise CorruptStoreError(
+                f"store {path} is damaged: {rel} is missing; convert the store again"
+            ) from None
+        if actual != size:
+            raise CorruptStoreError(
+                f"store {path} is damaged: {rel} is {actual} bytes, the manifest says {size}; "
+                "convert the store again"
+            )
+
+
+class Store:
+    """An opened store. `dataset(split)` is a torch Dataset; `read_batch` is the batch fast path."""
+
+    def __init__(self, path: str, manifest: Manifest, device: str | None = None):
+        self.path = path
+        self.manifest = manifest
+        self.device = device  # where device-resident formats (tensor) load; None = auto
+        self.format = get_format(manifest.format)
+        self._readers: dict[str, SplitReader] = {}
+        self.skipped = False  # set by convert when an identical store already existed
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest.splits)
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest.dtype
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.manifest.image_shape
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.manifest.splits:
+            raise LoadbenchError(
+                f"store {self.path} has no split {split!r}; it has {', '.join(self.splits)}"
+            )
+
+    def raw(self, split: str) -> SplitReader:
+        """The split's reader: stored pixels (H, W, C) in the storage dtype, for verification."""
+        self._check_split(split)
+        if split not in self._readers:
+            self._readers[split] = self._reader(split)
+        return self._readers[split]
+
+    def _reader(self, split: str) -> SplitReader:
+        reader = self.format.reader(self.path, self.manifest, split)
+        reader.device = self.device
+        return reader
+
+    def dataset(self, split: str, transform=None) -> StoreDataset:
+        """A map-style torch Dataset of (float32 tensor C,H,W in [0, 1], int label)."""
+        self._check_split(split)
+        return StoreDataset(self._reader(split), self.classes, transform)
+
+    def read_batch(self, split: str, indices) -> tuple[Any, Any]:
+        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N) for `indices`, in one call."""
+        return self.raw(split).read_batch_tensor(indices)
+
+    def __len__(self) -> int:
+        return sum(info.count for info in self.manifest.splits.values())
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={i.count}" for s, i in self.manifest.splits.items())
+        return f"Store({self.path!r}, {self.manifest.format}, {self.dtype}, {counts})"
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """A map-style Dataset over one split: (float32 tensor C,H,W in [0, 1], int label).
+
+    Safe with DataLoader workers: the reader opens its files lazily in each worker process.
+    """
+
+    def __init__(self, reader: SplitReader, classes: list[str], transform=None):
+        self.reader = reader
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        image, label = self.reader.read(index)
+        tensor = to_tensor(image)
+        if self.transform is not None:
+            tensor = self.transform(tensor)
+        return tensor, label
+
+
+def open_store(path: str, device: str | None = None) -> Store:
+    """Open a store written by `loadbench convert`, after checking its manifest and files.
+
+    `device` is where device-resident formats (`tensor`) load: "cuda", "cpu", or None for
+    CUDA when available.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    manifest = read_manifest(path)
+    fmt = get_format(manifest.format)
+    if manifest.format_version != fmt.version:
+        raise LoadbenchError(
+            f"store {path} has {manifest.format} layout version {manifest.format_version}, this "
+            f"loadbench reads version {fmt.version}; convert the store again"
+        )
+    check_files(path, manifest)
+    return Store(path, manifest, device)
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
