@@ -16,21 +16,28 @@ import importlib
 from typing import Any
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
-from loadbench.sources import load_source
+from loadbench.sources import from_arrays, load_source
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "open_store": "loadbench.store",
     "Store": "loadbench.store",
-    "convert": "loadbench.convert",
-    "convert_many": "loadbench.convert",
+    "convert": "loadbench.conversion",
+    "convert_many": "loadbench.conversion",
     "verify_path": "loadbench.verify",
     "source_stats": "loadbench.stats",
     "list_formats": "loadbench.formats",
 }
 
-__all__ = ["CorruptStoreError", "LoadbenchError", "__version__", "load_source", *_LAZY]
+__all__ = [
+    "CorruptStoreError",
+    "LoadbenchError",
+    "__version__",
+    "from_arrays",
+    "load_source",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

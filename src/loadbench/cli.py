@@ -38,7 +38,8 @@ SOURCE_HELP = (
 
 # Source options shared by `stats` and `convert`.
 Limit = Annotated[
-    int | None, typer.Option(help="First N images of every split (stratified).", rich_help_panel=SOURCE_PANEL)
+    int | None,
+    typer.Option(help="First N images of every split (stratified).", rich_help_panel=SOURCE_PANEL),
 ]
 Remap = Annotated[
     str | None,
@@ -48,26 +49,41 @@ Remap = Annotated[
     ),
 ]
 Drop = Annotated[
-    str | None, typer.Option(help="Classes to remove, by name or index: 'Bag' or '8,9'.", rich_help_panel=SOURCE_PANEL)
+    str | None,
+    typer.Option(
+        help="Classes to remove, by name or index: 'Bag' or '8,9'.", rich_help_panel=SOURCE_PANEL
+    ),
 ]
 ValRatio = Annotated[
-    float | None, typer.Option(help="Carve a stratified val split from train.", rich_help_panel=SOURCE_PANEL)
+    float | None,
+    typer.Option(help="Carve a stratified val split from train.", rich_help_panel=SOURCE_PANEL),
 ]
 TestRatio = Annotated[
-    float | None, typer.Option(help="Carve a stratified test split from train.", rich_help_panel=SOURCE_PANEL)
+    float | None,
+    typer.Option(help="Carve a stratified test split from train.", rich_help_panel=SOURCE_PANEL),
 ]
-Seed = Annotated[int | None, typer.Option(help="Seed of carved splits and generated data.", rich_help_panel=SOURCE_PANEL)]
+Seed = Annotated[
+    int | None,
+    typer.Option(help="Seed of carved splits and generated data.", rich_help_panel=SOURCE_PANEL),
+]
 Size = Annotated[
     str | None,
-    typer.Option(help="folder/tiny-imagenet: resize+centre-crop to N or HxW.", rich_help_panel=SOURCE_PANEL),
+    typer.Option(
+        help="folder/tiny-imagenet: resize+centre-crop to N or HxW.", rich_help_panel=SOURCE_PANEL
+    ),
 ]
 Channels = Annotated[
-    int | None, typer.Option(help="folder/tiny-imagenet/synthetic: 1 or 3 channels.", rich_help_panel=SOURCE_PANEL)
+    int | None,
+    typer.Option(
+        help="folder/tiny-imagenet/synthetic: 1 or 3 channels.", rich_help_panel=SOURCE_PANEL
+    ),
 ]
 SkipCorrupt = Annotated[
     bool,
     typer.Option(
-        "--skip-corrupt", help="folder/tiny-imagenet: skip and count unreadable images.", rich_help_panel=SOURCE_PANEL
+        "--skip-corrupt",
+        help="folder/tiny-imagenet: skip and count unreadable images.",
+        rich_help_panel=SOURCE_PANEL,
     ),
 ]
 
@@ -120,7 +136,11 @@ def sources() -> None:
         presets.add_column(column)
     for name, p in PRESETS.items():
         presets.add_row(
-            name, f"{p.size}x{p.size}x{p.channels}", str(p.classes), f"{p.count:,}", f"{p.eval_split} {p.eval_count:,}"
+            name,
+            f"{p.size}x{p.size}x{p.channels}",
+            str(p.classes),
+            f"{p.count:,}",
+            f"{p.eval_split} {p.eval_count:,}",
         )
     out.print(presets)
 
@@ -163,13 +183,16 @@ def stats(
 
     Example: [bold]loadbench stats cifar10:~/data/cifar-10-python.tar.gz[/bold]
     """
+    from loadbench import progress
     from loadbench.stats import source_stats
 
-    src = _load(
-        source, limit=limit, remap=remap, drop=drop, val_ratio=val_ratio, test_ratio=test_ratio,
-        seed=seed, size=size, channels=channels, skip_corrupt=skip_corrupt,
-    )  # fmt: skip
-    results = source_stats(src)
+    with progress.enabled():
+        src = _load(
+            source, limit=limit, remap=remap, drop=drop, val_ratio=val_ratio,
+            test_ratio=test_ratio, seed=seed, size=size, channels=channels,
+            skip_corrupt=skip_corrupt,
+        )  # fmt: skip
+        results = source_stats(src)
     out.print(f"[bold]{src.spec}[/bold]: {len(src.classes)} classes")
     for note in src.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
@@ -220,11 +243,17 @@ def convert(
     out_dir: Annotated[
         str,
         typer.Option(
-            "--out", "-o", help="Store directory (one format) or parent of <format>-<dtype>/ stores."
+            "--out",
+            "-o",
+            help="Store directory (one format) or parent of <format>-<dtype>/ stores.",
         ),
     ],
-    dtype: Annotated[str, typer.Option(help="uint8 (pixels), float16 or float32 (scaled to [0,1]).")] = "uint8",
-    overwrite: Annotated[bool, typer.Option(help="Replace a different store at the destination.")] = False,
+    dtype: Annotated[
+        str, typer.Option(help="uint8 (pixels), float16 or float32 (scaled to [0,1]).")
+    ] = "uint8",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a different store at the destination.")
+    ] = False,
     limit: Limit = None,
     remap: Remap = None,
     drop: Drop = None,
@@ -234,26 +263,48 @@ def convert(
     size: Size = None,
     channels: Channels = None,
     skip_corrupt: SkipCorrupt = False,
-    jpeg_quality: Annotated[int | None, typer.Option(help="JPEG quality 1-100 (90).", rich_help_panel=FORMAT_PANEL)] = None,
-    jpeg_subsampling: Annotated[
-        str | None, typer.Option(help="JPEG chroma subsampling 4:4:4|4:2:2|4:2:0 (4:4:4).", rich_help_panel=FORMAT_PANEL)
+    jpeg_quality: Annotated[
+        int | None, typer.Option(help="JPEG quality 1-100 (90).", rich_help_panel=FORMAT_PANEL)
     ] = None,
-    png_compression: Annotated[int | None, typer.Option(help="PNG zlib level 0-9 (6).", rich_help_panel=FORMAT_PANEL)] = None,
+    jpeg_subsampling: Annotated[
+        str | None,
+        typer.Option(
+            help="JPEG chroma subsampling 4:4:4|4:2:2|4:2:0 (4:4:4).", rich_help_panel=FORMAT_PANEL
+        ),
+    ] = None,
+    png_compression: Annotated[
+        int | None, typer.Option(help="PNG zlib level 0-9 (6).", rich_help_panel=FORMAT_PANEL)
+    ] = None,
     chunk_images: Annotated[
-        int | None, typer.Option(help="hdf5/zarr: images per chunk (auto: ~1 MiB).", rich_help_panel=FORMAT_PANEL)
+        int | None,
+        typer.Option(
+            help="hdf5/zarr: images per chunk (auto: ~1 MiB).", rich_help_panel=FORMAT_PANEL
+        ),
     ] = None,
     compression: Annotated[
         str | None,
-        typer.Option(help="hdf5: none|gzip|lzf; zarr: none|blosc-zstd|blosc-lz4|zstd|gzip.", rich_help_panel=FORMAT_PANEL),
+        typer.Option(
+            help="hdf5: none|gzip|lzf; zarr: none|blosc-zstd|blosc-lz4|zstd|gzip.",
+            rich_help_panel=FORMAT_PANEL,
+        ),
     ] = None,
-    compression_level: Annotated[int | None, typer.Option(help="Codec level.", rich_help_panel=FORMAT_PANEL)] = None,
-    store: Annotated[str | None, typer.Option(help="zarr: dir|zip.", rich_help_panel=FORMAT_PANEL)] = None,
+    compression_level: Annotated[
+        int | None, typer.Option(help="Codec level.", rich_help_panel=FORMAT_PANEL)
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="zarr: dir|zip.", rich_help_panel=FORMAT_PANEL)
+    ] = None,
     shard_size: Annotated[
-        int | None, typer.Option(help="webdataset/tfrecord: images per shard (10000).", rich_help_panel=FORMAT_PANEL)
+        int | None,
+        typer.Option(
+            help="webdataset/tfrecord: images per shard (10000).", rich_help_panel=FORMAT_PANEL
+        ),
     ] = None,
     encoding: Annotated[
         str | None,
-        typer.Option(help="webdataset: npy|png|jpeg; tfrecord: raw|png|jpeg.", rich_help_panel=FORMAT_PANEL),
+        typer.Option(
+            help="webdataset: npy|png|jpeg; tfrecord: raw|png|jpeg.", rich_help_panel=FORMAT_PANEL
+        ),
     ] = None,
 ) -> None:
     """Convert a dataset into one or more storage formats (atomic; an identical store is reused).
@@ -264,8 +315,8 @@ def convert(
       [bold]loadbench convert fashion-mnist:~/fmnist -f npy --dtype float16 --remap 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9' --drop 8 -o stores/fm3[/bold]
     """
     from loadbench import progress
-    from loadbench.convert import convert as convert_one
-    from loadbench.convert import convert_many, resolve_formats
+    from loadbench.conversion import convert as convert_one
+    from loadbench.conversion import convert_many, resolve_formats
 
     format_options = {
         "jpeg_quality": jpeg_quality, "jpeg_subsampling": jpeg_subsampling,
@@ -285,9 +336,13 @@ def convert(
         if format.strip() != "all" and len(names) == 1:
             given = {k: v for k, v in format_options.items() if v is not None}
             stores = [convert_one(src, names[0], out_dir, dtype, overwrite=overwrite, **given)]
-            rows = [(names[0], stores[0], "exists (same settings): reused" if stores[0].skipped else "")]
+            rows = [
+                (names[0], stores[0], "exists (same settings): reused" if stores[0].skipped else "")
+            ]
         else:
-            results = convert_many(src, names, out_dir, dtype, overwrite=overwrite, **format_options)
+            results = convert_many(
+                src, names, out_dir, dtype, overwrite=overwrite, **format_options
+            )
             rows = [(r.format, r.store, r.note) for r in results]
     table = Table(title=f"{src.spec} -> {out_dir}")  # paths below are relative to out_dir
     for column in ("format", "dtype", "images", "size", "bytes/image", "convert s", "store"):
@@ -311,10 +366,14 @@ def _mib(n: int) -> str:
 
 @app.command()
 def verify(
-    path: Annotated[str, typer.Argument(help="A store, or a folder of stores (from --format all).")],
+    path: Annotated[
+        str, typer.Argument(help="A store, or a folder of stores (from --format all).")
+    ],
     source: Annotated[
         str | None,
-        typer.Option(help="Compare with this source too; without ?options the store's own are used."),
+        typer.Option(
+            help="Compare with this source too; without ?options the store's own are used."
+        ),
     ] = None,
     psnr_min: Annotated[float, typer.Option(help="Fail lossy stores under this PSNR (dB).")] = 30.0,
 ) -> None:
@@ -335,12 +394,19 @@ def verify(
         if not c.compared:
             versus = "-"
         elif c.psnr_db is not None:
-            versus = f"PSNR {c.psnr_db:.1f} dB (worst {c.worst_psnr_db:.1f} dB, image {c.worst_index})"
+            versus = (
+                f"PSNR {c.psnr_db:.1f} dB (worst {c.worst_psnr_db:.1f} dB, image {c.worst_index})"
+            )
         else:
             versus = f"{c.exact_images:,}/{c.count:,} identical"
         result = "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]: " + "; ".join(c.problems)
         table.add_row(
-            _short(c.store, path), c.split, f"{c.count:,}", checksum if c.split != "-" else "-", versus, result
+            _short(c.store, path),
+            c.split,
+            f"{c.count:,}",
+            checksum if c.split != "-" else "-",
+            versus,
+            result,
         )
     out.print(table)
     failed = [c for c in checks if not c.passed]

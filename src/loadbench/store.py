@@ -11,7 +11,6 @@ import os
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import torch
 import torch.utils.data
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -67,9 +66,9 @@ def read_manifest(path: str) -> Manifest:
         stores = find_stores(path)
         if stores:
             names = ", ".join(os.path.relpath(s, path) for s in stores[:5])
+            more = ", ..." if len(stores) > 5 else ""
             raise LoadbenchError(
-                f"{path} is a folder of {len(stores)} stores ({names}{', ...' if len(stores) > 5 else ''}); "
-                "open one of them"
+                f"{path} is a folder of {len(stores)} stores ({names}{more}); open one of them"
             )
         raise LoadbenchError(
             f"{path} is not a loadbench store: it has no {MANIFEST}; create one with "
@@ -79,7 +78,9 @@ def read_manifest(path: str) -> Manifest:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptStoreError(f"{file} is not readable JSON ({e}); convert the store again") from None
+        raise CorruptStoreError(
+            f"{file} is not readable JSON ({e}); convert the store again"
+        ) from None
     if not isinstance(data, dict) or "loadbench_store" not in data:
         raise LoadbenchError(
             f"{file} was not written by loadbench (no 'loadbench_store' key); "
@@ -108,7 +109,9 @@ def find_stores(path: str) -> list[str]:
     if not os.path.isdir(path):
         return []
     found = [
-        e.path for e in os.scandir(path) if e.is_dir() and os.path.isfile(os.path.join(e.path, MANIFEST))
+        e.path
+        for e in os.scandir(path)
+        if e.is_dir() and os.path.isfile(os.path.join(e.path, MANIFEST))
     ]
     return sorted(found)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loadbench import progress
-from loadbench.convert import ContentHash
+from loadbench.conversion import ContentHash
 from loadbench.errors import LoadbenchError
 from loadbench.formats import to_stored, to_uint8
 from loadbench.sources import Source, load_source
@@ -53,8 +53,10 @@ def verify_path(
     path: str, source: str | Source | None = None, psnr_threshold_db: float = DEFAULT_PSNR_DB
 ) -> list[SplitCheck]:
     """Verify one store, or every store directly inside a folder."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, "manifest.json")) or not os.path.isdir(path):
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isdir(path):
+        raise LoadbenchError(f"no store at {path}: not a directory")
+    if os.path.isfile(os.path.join(path, "manifest.json")):
         paths = [path]
     else:
         paths = find_stores(path)
@@ -148,7 +150,9 @@ def _check_split(store, split, src, threshold, check: SplitCheck, advance) -> No
     if not check.checksum_ok or digest["labels_sha256"] != info.labels_sha256:
         check.bad_blocks = [
             (i * block, min((i + 1) * block, check.count))
-            for i, (got, want) in enumerate(zip(digest["block_sha256"], info.block_sha256, strict=False))
+            for i, (got, want) in enumerate(
+                zip(digest["block_sha256"], info.block_sha256, strict=False)
+            )
             if got != want
         ]
         where = ", ".join(f"{a}-{b - 1}" for a, b in check.bad_blocks[:5]) or "?"

@@ -9,6 +9,7 @@ DataLoader workers (h5py and LMDB handles must not cross a fork) and pickled for
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,7 +47,11 @@ def to_tensor(images):
     """
     import torch
 
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    t = (
+        images
+        if isinstance(images, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(images))
+    )
     t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
     if t.dtype == torch.uint8:
         return t.float().div_(255)
@@ -134,10 +139,8 @@ class SplitReader:
         return state
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown modules may be gone
             self.close()
-        except Exception:  # interpreter shutdown: modules may already be gone
-            pass
 
     # -- reading --------------------------------------------------------------------------
     def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,16 +203,16 @@ class SplitReader:
 
 
 def _close(handle: Any) -> None:
-    items = handle.values() if isinstance(handle, dict) else (
-        handle if isinstance(handle, (list, tuple)) else [handle]
+    items = (
+        handle.values()
+        if isinstance(handle, dict)
+        else (handle if isinstance(handle, (list, tuple)) else [handle])
     )
     for item in items:
         closer = getattr(item, "close", None)
         if callable(closer):
-            try:
+            with contextlib.suppress(Exception):
                 closer()
-            except Exception:
-                pass
 
 
 def gather_ranges(indices: np.ndarray, block: int) -> list[tuple[int, int, np.ndarray]]:
@@ -228,9 +231,7 @@ def gather_ranges(indices: np.ndarray, block: int) -> list[tuple[int, int, np.nd
     return groups
 
 
-def read_by_chunks(
-    indices: np.ndarray, block: int, read_slice, out: np.ndarray
-) -> np.ndarray:
+def read_by_chunks(indices: np.ndarray, block: int, read_slice, out: np.ndarray) -> np.ndarray:
     """Fill `out` with `read_slice(lo, hi)[indices - lo]`, one slice per chunk touched."""
     for lo, hi, pos in gather_ranges(indices, block):
         out[pos] = read_slice(lo, hi)[indices[pos] - lo]

@@ -27,7 +27,9 @@ from loadbench.formats.base import (
 def class_dirs(classes: list[str]) -> list[str]:
     """Folder names that sort in class order and are safe on every filesystem."""
     width = max(3, len(str(len(classes) - 1)))
-    return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', c)[:64]}" for i, c in enumerate(classes)]
+    return [
+        f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', c)[:64]}" for i, c in enumerate(classes)
+    ]
 
 
 class FilesWriter(SplitWriter):

@@ -52,7 +52,10 @@ class Hdf5Writer(SplitWriter):
         elif opts["compression"] == "lzf":
             kwargs["compression"] = "lzf"
         self.images = group.create_dataset(
-            "images", shape=(layout.count, *layout.image_shape), dtype=DTYPES[layout.dtype], **kwargs
+            "images",
+            shape=(layout.count, *layout.image_shape),
+            dtype=DTYPES[layout.dtype],
+            **kwargs,
         )
         self.labels = group.create_dataset("labels", shape=(layout.count,), dtype=np.int64)
         self.pos = 0

@@ -23,6 +23,41 @@ from loadbench.formats.base import (
 
 LABEL_BYTES = 8
 
+# LMDB refuses to open one environment twice in a process, and a forked DataLoader worker
+# inherits its parent's open environments. So environments are shared by every reader of a
+# process, counted, and an inherited one is closed in the child (which only unmaps the child's
+# copy) before the child opens its own.
+_ENVS: dict[tuple, list] = {}  # (path, device, inode) -> [pid, env, readers]
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (path, st.st_dev, st.st_ino)
+
+
+def acquire_env(path: str):
+    import lmdb
+
+    key = _file_key(path)
+    entry = _ENVS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        entry[2] += 1
+        return entry[1]
+    if entry is not None:
+        entry[1].close()  # inherited through fork: the parent's copy is untouched
+    env = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
+    _ENVS[key] = [os.getpid(), env, 1]
+    return env
+
+
+def release_env(env) -> None:
+    for key, entry in list(_ENVS.items()):
+        if entry[1] is env and entry[0] == os.getpid():
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _ENVS[key]
+                env.close()
+
 
 def key(index: int) -> bytes:
     return int(index).to_bytes(8, "big")
@@ -65,16 +100,21 @@ class LmdbReader(SplitReader):
 
         path = os.path.join(self.root, f"{self.split}.lmdb")
         try:
-            env = lmdb.open(
-                path, subdir=False, readonly=True, lock=False, readahead=False, meminit=False
-            )
-        except lmdb.Error as e:
+            env = acquire_env(path)
+        except (lmdb.Error, OSError) as e:
             raise self._damaged(f"{self.split}.lmdb cannot be opened", e) from None
         entries = env.stat()["entries"]
         if entries != self.count:
-            env.close()
-            raise self._damaged(f"{self.split}.lmdb has {entries} entries", f"{self.count} expected")
+            release_env(env)
+            raise self._damaged(
+                f"{self.split}.lmdb has {entries} entries", f"{self.count} expected"
+            )
         return env
+
+    def close(self):
+        env, self._handle = self._handle, None
+        if env is not None and self._pid == os.getpid():
+            release_env(env)
 
     def read_items(self, indices):
         import lmdb
@@ -87,7 +127,9 @@ class LmdbReader(SplitReader):
                 for k, index in enumerate(indices):
                     value = txn.get(key(index))
                     if value is None:
-                        raise self._damaged(f"{self.split}.lmdb has no image {index}", "missing key")
+                        raise self._damaged(
+                            f"{self.split}.lmdb has no image {index}", "missing key"
+                        )
                     raw = np.frombuffer(value, dtype=np.uint8)
                     labels[k] = raw[:LABEL_BYTES].view(np.int64)[0]
                     flat[k] = raw[LABEL_BYTES:]  # copied out before the transaction ends

@@ -58,7 +58,9 @@ class TensorReader(SplitReader):
         except (OSError, ValueError) as e:
             raise self._damaged(f"{self.split} arrays cannot be loaded", e) from None
         if tuple(images.shape) != (self.count, *self.image_shape):
-            raise self._damaged(f"{self.split} images have shape {tuple(images.shape)}", "wrong shape")
+            raise self._damaged(
+                f"{self.split} images have shape {tuple(images.shape)}", "wrong shape"
+            )
         return {"images": images, "labels": labels, "device": images.device}
 
     def read_items(self, indices):

@@ -40,7 +40,9 @@ def compressors(name: str, level: int | None, itemsize: int):
         return None
     if name.startswith("blosc-"):
         shuffle = "bitshuffle" if itemsize == 1 else "shuffle"
-        return BloscCodec(cname=name[len("blosc-") :], clevel=level, shuffle=shuffle, typesize=itemsize)
+        return BloscCodec(
+            cname=name[len("blosc-") :], clevel=level, shuffle=shuffle, typesize=itemsize
+        )
     if name == "zstd":
         return ZstdCodec(level=level)
     return GzipCodec(level=level)
@@ -63,7 +65,9 @@ class ZarrWriter(SplitWriter):
             shape=(layout.count, *layout.image_shape),
             chunks=(min(self.chunk, max(layout.count, 1)), *layout.image_shape),
             dtype=dtype,
-            compressors=compressors(opts["compression"], opts["compression_level"], np.dtype(dtype).itemsize),
+            compressors=compressors(
+                opts["compression"], opts["compression_level"], np.dtype(dtype).itemsize
+            ),
             fill_value=0,
         )
         self.labels = group.create_array(
@@ -147,7 +151,9 @@ class ZarrFormat(Format):
     writer_class = ZarrWriter
     reader_class = ZarrReader
     options = {
-        "chunk_images": Option(None, "images per chunk (default: about 1 MiB)", kind=int, minimum=1),
+        "chunk_images": Option(
+            None, "images per chunk (default: about 1 MiB)", kind=int, minimum=1
+        ),
         "compression": Option("none", "chunk codec", choices=COMPRESSIONS),
         "compression_level": Option(None, "codec level (default per codec)", kind=int, minimum=0),
         "store": Option("dir", "a directory or one zip file", choices=("dir", "zip")),
@@ -162,7 +168,9 @@ class ZarrFormat(Format):
             return
         directory = os.path.join(root, DIRECTORY)
         # Chunks are stored, not deflated again: zarr reads members in place.
-        with zipfile.ZipFile(os.path.join(root, ZIP), "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        with zipfile.ZipFile(
+            os.path.join(root, ZIP), "w", zipfile.ZIP_STORED, allowZip64=True
+        ) as z:
             for dirpath, _, names in os.walk(directory):
                 for name in sorted(names):
                     path = os.path.join(dirpath, name)

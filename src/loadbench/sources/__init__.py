@@ -21,7 +21,9 @@ from pydantic import ValidationError
 from loadbench.errors import LoadbenchError
 from loadbench.sources.base import RawDataset, Source, SourceOptions
 
-__all__ = ["SOURCE_KINDS", "Source", "SourceOptions", "load_source", "register_source"]
+__all__ = [
+    "SOURCE_KINDS", "Source", "SourceOptions", "from_arrays", "load_source", "register_source",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,7 @@ def register_source(
     """Register `fn(arg, options) -> RawDataset` as the reader of source kind `name`."""
 
     def deco(fn: Callable[[str | None, Any], RawDataset]) -> Callable:
-        SOURCE_KINDS[name] = SourceKind(
-            name, fn, options, arg, summary, arg_required, arg_is_path
-        )
+        SOURCE_KINDS[name] = SourceKind(name, fn, options, arg, summary, arg_required, arg_is_path)
         return fn
 
     return deco
@@ -94,6 +94,8 @@ def load_source(spec: str, **options: Any) -> Source:
     kind = SOURCE_KINDS[kind_name]
     if kind.arg_required and not arg:
         raise LoadbenchError(f"source {kind_name} needs {kind.arg}: write {kind_name}:{kind.arg}")
+    if not kind.arg and arg:
+        raise LoadbenchError(f"source {kind_name} takes no argument (got {kind_name}:{arg})")
     merged: dict[str, Any] = {**params, **{k: v for k, v in options.items() if v is not None}}
     try:
         opts = kind.options.model_validate(merged)
@@ -110,6 +112,65 @@ def load_source(spec: str, **options: Any) -> Source:
     if getattr(opts, "skip_corrupt", False):
         source.drop_corrupt()
     return source
+
+
+def from_arrays(
+    splits: dict[str, tuple[Any, Any]],
+    classes: list[str] | None = None,
+    name: str = "arrays",
+    **options: Any,
+) -> Source:
+    """A source from arrays already in memory: {split: (uint8 (N,H,W[,C]), int labels (N,))}.
+
+    For notebooks and tests; the same options as any source apply (limit, remap, ...).
+    """
+    import hashlib
+
+    import numpy as np
+
+    from loadbench.sources.base import ArraySplit
+
+    raw_splits, digest, shape = {}, hashlib.sha256(), None
+    for split, (images, labels) in splits.items():
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise LoadbenchError(
+                f"{split}: images must be uint8 (N, H, W[, C]), got {images.dtype} {images.shape}"
+            )
+        if images.ndim == 3:
+            images = images[..., None]
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(images):
+            raise LoadbenchError(f"{split}: {len(images)} images but {len(labels)} labels")
+        if shape is not None and images.shape[1:] != shape:
+            raise LoadbenchError(f"{split}: images are {images.shape[1:]}, other splits {shape}")
+        shape = images.shape[1:]
+        raw_splits[split] = ArraySplit(np.ascontiguousarray(images), labels)
+        digest.update(split.encode())
+        digest.update(images.tobytes())
+        digest.update(labels.tobytes())
+    if shape is None:
+        raise LoadbenchError("from_arrays needs at least one split")
+    n_classes = max(
+        (int(s.labels.max()) + 1 for s in raw_splits.values() if len(s.labels)), default=1
+    )
+    classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+    for split, raw in raw_splits.items():
+        if len(raw.labels) and (raw.labels.min() < 0 or raw.labels.max() >= len(classes)):
+            raise LoadbenchError(f"{split}: labels outside 0..{len(classes) - 1}")
+    try:
+        opts = SourceOptions.model_validate(options)
+    except ValidationError as e:
+        raise LoadbenchError(
+            _explain_options(SourceKind(name, None, SourceOptions, "", ""), e)
+        ) from None
+    raw = RawDataset(classes=classes, image_shape=tuple(shape), splits=raw_splits)
+    identity = {
+        "kind": name,
+        "sha256": digest.hexdigest(),
+        **opts.model_dump(exclude_defaults=True),
+    }
+    return Source(name, canonical_spec(name, None, opts), raw, opts, identity)
 
 
 def canonical_spec(kind: str, arg: str | None, opts: SourceOptions) -> str:

@@ -209,14 +209,22 @@ class Source:
 
     def drop_corrupt(self) -> int:
         """Remove images that cannot be decoded from every split; returns how many were removed."""
+        from loadbench import progress
+
         removed = 0
-        for name, sel in self._splits.items():
-            bad = sel.raw.corrupt(sel.indices)
-            if len(bad):
-                keep = np.setdiff1d(np.arange(len(sel.indices)), bad)
-                self._splits[name] = _Selection(sel.raw, sel.indices[keep], sel.labels[keep])
-                removed += len(bad)
-                self.notes.append(f"{name}: skipped {len(bad)} corrupt image(s)")
+        total = sum(len(sel.indices) for sel in self._splits.values())
+        with progress.task("checking images", total) as advance:
+            for name, sel in self._splits.items():
+                bad = []
+                for start in range(0, len(sel.indices), 256):
+                    chunk = sel.indices[start : start + 256]
+                    bad.extend(start + sel.raw.corrupt(chunk))
+                    advance(len(chunk))
+                if bad:
+                    keep = np.setdiff1d(np.arange(len(sel.indices)), bad)
+                    self._splits[name] = _Selection(sel.raw, sel.indices[keep], sel.labels[keep])
+                    removed += len(bad)
+                    self.notes.append(f"{name}: skipped {len(bad)} corrupt image(s)")
         return removed
 
     def describe(self) -> dict[str, Any]:
@@ -237,9 +245,7 @@ class Source:
         return f"Source({self.spec!r}, {h}x{w}x{c}, {len(self.classes)} classes, {counts})"
 
 
-def _apply_options(
-    raw: RawDataset, opts: SourceOptions
-) -> tuple[list[str], dict[str, _Selection]]:
+def _apply_options(raw: RawDataset, opts: SourceOptions) -> tuple[list[str], dict[str, _Selection]]:
     classes, old_to_new = _class_mapping(raw.classes, opts)
     selections: dict[str, _Selection] = {}
     for name, split in raw.splits.items():
@@ -316,11 +322,17 @@ def first_n_stratified(labels: np.ndarray, n: int) -> np.ndarray:
     quota = np.zeros(len(classes), dtype=np.int64)
     left = n
     # Water-filling: classes smaller than an equal share give their unused share to the others.
-    for rank, ci in enumerate(np.argsort(counts, kind="stable")):
+    by_size = np.argsort(counts, kind="stable")
+    for rank, ci in enumerate(by_size):
         share = left // (len(classes) - rank)
-        quota[ci] = min(counts[ci], share)
-        left -= quota[ci]
-    # The remainder of the integer division goes to the first classes that still have images.
+        if counts[ci] > share:  # this class and every larger one get the equal share
+            quota[by_size[rank:]] = share
+            left -= share * (len(classes) - rank)
+            break
+        quota[ci] = counts[ci]
+        left -= counts[ci]
+    # The remainder of the integer division goes to the first classes that still have images,
+    # so a balanced split limited to N is exactly its first N images.
     for ci in range(len(classes)):
         if left == 0:
             break

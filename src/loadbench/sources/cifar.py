@@ -171,15 +171,15 @@ def _read_cifar(path: str, layout: _Layout, label_key: str, names_key: str) -> R
                 )
             batch_labels = np.asarray(batch[label_key], dtype=np.int64)
             if len(batch_labels) != len(data):
-                raise LoadbenchError(
-                    f"{where}: {len(data)} images but {len(batch_labels)} labels"
-                )
+                raise LoadbenchError(f"{where}: {len(data)} images but {len(batch_labels)} labels")
             if len(batch_labels) and (batch_labels.min() < 0 or batch_labels.max() >= len(classes)):
                 raise LoadbenchError(f"{where}: labels outside 0..{len(classes) - 1}")
             # Rows are 1024 red, 1024 green, 1024 blue values: CHW, stored as HWC here.
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(batch_labels)
-        splits[split] = ArraySplit(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+        splits[split] = ArraySplit(
+            np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+        )
     return RawDataset(classes=classes, image_shape=(32, 32, 3), splits=splits)
 
 

@@ -24,6 +24,12 @@ class ImageFileOptions(SourceOptions):
     size: str | None = Field(
         None, description="resize+centre-crop to N or HxW (default: the first image's size)"
     )
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size_text(cls, value):
+        return str(value) if isinstance(value, int) else value
+
     channels: int = Field(3, description="1 (grayscale) or 3 (RGB)")
     skip_corrupt: bool = Field(False, description="skip unreadable images instead of stopping")
 
@@ -65,6 +71,17 @@ def _has_split_layout(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "train"))
 
 
+def _first_size(paths: list[str], skip_corrupt: bool) -> tuple[int, int]:
+    """The size of the first image (of the first readable one when skipping corrupt files)."""
+    for path in paths if skip_corrupt else paths[:1]:
+        try:
+            return image_size(path)
+        except LoadbenchError:
+            if not skip_corrupt:
+                raise
+    raise LoadbenchError(f"none of the {len(paths)} images can be read (first: {paths[0]})")
+
+
 @register_source(
     "folder",
     options=ImageFileOptions,
@@ -95,7 +112,7 @@ def open_folder(path: str, opts: ImageFileOptions) -> RawDataset:
                 f"no image files ({', '.join(('.jpg', '.png', '...'))}) under {directory}/<class>/"
             )
         samples[split] = (paths, labels)
-    size = parse_size(opts.size) or image_size(samples["train"][0][0])
+    size = parse_size(opts.size) or _first_size(samples["train"][0], opts.skip_corrupt)
     splits = {
         s: FileSplit(paths, np.array(labels), size, opts.channels)
         for s, (paths, labels) in samples.items()

@@ -87,6 +87,11 @@ def _read_idx_dataset(path: str, classes: list[str], subdirs: tuple[str, ...]) -
             )
         if len(labels) and labels.max() >= len(classes):
             raise LoadbenchError(f"{label_file}: labels outside 0..{len(classes) - 1}")
+        if splits and images.shape[1:] != splits["train"].images.shape[1:3]:
+            raise LoadbenchError(
+                f"{image_file} has {images.shape[1]}x{images.shape[2]} images, the training "
+                f"files {splits['train'].images.shape[1]}x{splits['train'].images.shape[2]}"
+            )
         splits[split] = ArraySplit(images[..., None], labels.astype(np.int64))
     shape = splits["train"].images.shape[1:]
     return RawDataset(classes=classes, image_shape=tuple(shape), splits=splits)

@@ -57,14 +57,20 @@ def read_image(path: str, size: tuple[int, int], channels: int) -> np.ndarray:
 
 
 def _resize_center_crop(im, size: tuple[int, int]):
-    """torchvision's Resize(min side) + CenterCrop, with PIL's antialiased bilinear filter."""
+    """torchvision's Resize(shorter side) + CenterCrop, pixel for pixel on square targets.
+
+    The binding side is scaled to the target and the other is truncated as torchvision does
+    (`int(target * long / short)`); the crop offset is rounded as CenterCrop rounds it.
+    """
     from PIL import Image
 
     th, tw = size
-    scale = max(th / im.height, tw / im.width)
-    nh, nw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
+    if th / im.height >= tw / im.width:
+        nh, nw = th, max(tw, int(th * im.width / im.height))
+    else:
+        nh, nw = max(th, int(tw * im.height / im.width)), tw
     im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    top, left = (nh - th) // 2, (nw - tw) // 2
+    top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
     return im.crop((left, top, left + tw, top + th))
 
 

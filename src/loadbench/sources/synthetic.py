@@ -13,7 +13,6 @@ of indices gives the same pixels.
 from __future__ import annotations
 
 import colorsys
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +35,9 @@ class Preset:
 
 
 PRESETS = {
-    "cifar-like": Preset(32, 3, 10, 50_000, 10_000, "test", "CIFAR-10's shape: 32x32x3, 10 classes"),
+    "cifar-like": Preset(
+        32, 3, 10, 50_000, 10_000, "test", "CIFAR-10's shape: 32x32x3, 10 classes"
+    ),
     "mnist-like": Preset(28, 1, 10, 60_000, 10_000, "test", "MNIST's shape: 28x28x1, 10 classes"),
     "tinyimagenet-like": Preset(
         64, 3, 200, 100_000, 10_000, "val", "Tiny ImageNet's shape: 64x64x3, 200 classes"
@@ -103,12 +104,16 @@ class SyntheticSplit(RawSplit):
 
 
 def _class_attributes(classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Shape, tone and background style of every class, spread as widely as the count allows."""
-    n_tones = min(N_TONES, math.ceil(classes / N_SHAPES))
+    """Shape, tone and background style of every class.
+
+    (shape, tone, style) is unique per class. Up to 12 classes every class has a colour of its
+    own; beyond, classes that share a shape differ in colour and those sharing a colour in shape.
+    """
+    n_tones = min(N_TONES, classes)
     k = np.arange(classes)
     shape = k % N_SHAPES
-    tone = (k // N_SHAPES) % n_tones
-    style = k // (N_SHAPES * n_tones)
+    tone = k % n_tones if classes <= N_TONES else (k // N_SHAPES) % N_TONES
+    style = k // (N_SHAPES * N_TONES)
     return shape, tone, style, n_tones
 
 

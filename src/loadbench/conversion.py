@@ -50,7 +50,8 @@ class ContentHash:
         self.images = hashlib.sha256()
         self.labels = hashlib.sha256()
         self.blocks: list[str] = []
-        self._current = hashlib.sha256()
+        self._block_images = hashlib.sha256()
+        self._block_labels = hashlib.sha256()
         self._filled = 0
 
     def update(self, images: np.ndarray, labels: np.ndarray) -> None:
@@ -59,18 +60,20 @@ class ContentHash:
             take = min(self.block - self._filled, len(images) - pos)
             pixels = _le_bytes(images[pos : pos + take])
             tags = _le_bytes(np.asarray(labels[pos : pos + take], dtype=np.int64))
-            self.images.update(pixels)
-            self.labels.update(tags)
-            self._current.update(pixels)
-            self._current.update(tags)
+            for hasher, data in (
+                (self.images, pixels), (self._block_images, pixels),
+                (self.labels, tags), (self._block_labels, tags),
+            ):  # fmt: skip
+                hasher.update(data)
             self._filled += take
             pos += take
             if self._filled == self.block:
                 self._close_block()
 
     def _close_block(self) -> None:
-        self.blocks.append(self._current.hexdigest()[:16])
-        self._current = hashlib.sha256()
+        both = self._block_images.digest() + self._block_labels.digest()
+        self.blocks.append(hashlib.sha256(both).hexdigest()[:16])
+        self._block_images, self._block_labels = hashlib.sha256(), hashlib.sha256()
         self._filled = 0
 
     def finish(self) -> dict[str, Any]:
@@ -301,9 +304,7 @@ def convert_many(
     fmts = [get_format(n) for n in names]
     unused = sorted(k for k in given if not any(k in f.options for f in fmts))
     if unused:
-        raise LoadbenchError(
-            f"option {', '.join(unused)} applies to none of {', '.join(names)}"
-        )
+        raise LoadbenchError(f"option {', '.join(unused)} applies to none of {', '.join(names)}")
     results = []
     for fmt in fmts:
         if dtype not in fmt.dtypes:
@@ -316,4 +317,3 @@ def convert_many(
         note = "exists (same source and settings): reused" if store.skipped else ""
         results.append(Converted(fmt.name, path, store, note))
     return results
-

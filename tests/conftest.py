@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny deterministic sources that every format test can convert quickly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import loadbench
+from loadbench.formats import FORMAT_NAMES, get_format
+
+
+@pytest.fixture(scope="session")
+def rgb_source():
+    """40 train + 12 test images, 12x10x3, 4 classes: odd sizes catch layout mistakes."""
+    return loadbench.load_source("synthetic:cifar-like?count=40&eval_count=12&size=12&classes=4")
+
+
+@pytest.fixture(scope="session")
+def gray_source():
+    rng = np.random.default_rng(7)
+    train = rng.integers(0, 256, (9, 7, 5), dtype=np.uint8)
+    test = rng.integers(0, 256, (3, 7, 5), dtype=np.uint8)
+    return loadbench.sources.from_arrays(
+        {"train": (train, np.arange(9) % 3), "test": (test, [2, 0, 1])}, classes=["a", "b", "c"]
+    )
+
+
+def valid_combinations():
+    """Every (format, dtype) a store can be made of: the registry decides, not this list."""
+    return [
+        pytest.param(name, dtype, id=f"{name}-{dtype}")
+        for name in FORMAT_NAMES
+        for dtype in get_format(name).dtypes
+    ]
