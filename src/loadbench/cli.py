@@ -26,6 +26,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 out = Console()
+if not out.is_terminal:  # piped or captured: rich's 80 columns would cut paths in tables
+    out = Console(width=160)
 err = Console(stderr=True)
 _state = {"debug": False}
 

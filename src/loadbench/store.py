@@ -53,7 +53,8 @@ class Manifest(BaseModel):
     files: dict[str, int]  # relative path -> size in bytes, checked on open
     bytes: int  # total size of the store's files
     bytes_allocated: int  # what the filesystem allocates for them (blocks)
-    convert_time_s: float
+    convert_time_s: float  # time spent in the format's writer (encode, write, pack)
+    total_time_s: float  # the whole conversion: reading the source, dtype, checksums, writing
     created: str
     loadbench_version: str
 

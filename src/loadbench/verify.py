@@ -9,6 +9,7 @@ for JPEG (failing under a threshold, 30 dB by default).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -65,12 +66,13 @@ def verify_path(
                 f"{path} is neither a store nor a folder of stores (no manifest.json found)"
             )
     checks: list[SplitCheck] = []
+    sources: dict[str, Source] = {}  # one load per distinct source, shared by the stores
     for store_path in paths:
-        checks.extend(_verify_or_report(store_path, source, psnr_threshold_db))
+        checks.extend(_verify_or_report(store_path, source, psnr_threshold_db, sources))
     return checks
 
 
-def _verify_or_report(path, source, threshold) -> list[SplitCheck]:
+def _verify_or_report(path, source, threshold, sources) -> list[SplitCheck]:
     """A damaged store becomes a failed row, so the other stores of a folder still get checked."""
     try:
         store = open_store(path)
@@ -79,19 +81,25 @@ def _verify_or_report(path, source, threshold) -> list[SplitCheck]:
         failed.problems.append(str(e))
         return [failed]
     try:
+        if source is not None and not isinstance(source, Source):
+            source = source_for(store, source, sources)
         return verify_store(store, source, threshold)
     finally:
         store.close()
 
 
-def source_for(store: Store, spec: str | Source) -> Source:
+def source_for(store: Store, spec: str | Source, cache: dict | None = None) -> Source:
     """The source to compare with; a spec without options takes the store's recorded ones."""
     if isinstance(spec, Source):
         return spec
-    if "?" in spec:
-        return load_source(spec)
-    recorded = store.manifest.source.get("options", {})
-    return load_source(spec, **recorded)
+    options = {} if "?" in spec else store.manifest.source.get("options", {})
+    key = json.dumps([spec, options], sort_keys=True)
+    if cache is not None and key in cache:
+        return cache[key]
+    source = load_source(spec, **options)
+    if cache is not None:
+        source = cache[key] = source.in_memory()
+    return source
 
 
 def verify_store(

@@ -34,8 +34,10 @@ class WebDatasetWriter(SplitWriter):
         self.layout = layout
         self.encoding = layout.options["encoding"]
         self.pattern = os.path.join(layout.root, f"{layout.split}-%06d.tar")
+        # A whole-second mtime: a float one makes tarfile add a 1 KiB pax header per member.
+        # Zero, so that the same data gives byte-identical shards.
         self.writer = wds.ShardWriter(
-            self.pattern, maxcount=layout.options["shard_size"], maxsize=1 << 62, verbose=0
+            self.pattern, maxcount=layout.options["shard_size"], maxsize=1 << 62, verbose=0, mtime=0
         )
         self.pos = 0
 

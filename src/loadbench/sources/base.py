@@ -8,6 +8,7 @@ validation or test splits, limit) by selecting indices, so nothing is decoded th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +203,37 @@ class Source:
             images[pos : pos + len(batch)] = batch
             pos += len(batch)
         return images, self.labels(name).copy()
+
+    def in_memory(self, max_bytes: int | None = None) -> Source:
+        """This source with every split decoded once into memory, if it fits in `max_bytes`
+        (default: a quarter of the available RAM, at most 4 GiB); else the source itself.
+
+        Converting to several formats or verifying several stores then reads (or generates,
+        or decodes) the source once instead of once per format.
+        """
+        if max_bytes is None:
+            import psutil
+
+            max_bytes = min(4 << 30, psutil.virtual_memory().available // 4)
+        total = sum(self.count(s) for s in self.splits) * int(np.prod(self.image_shape))
+        if total > max_bytes or all(isinstance(s.raw, ArraySplit) for s in self._splits.values()):
+            return self
+        from loadbench import progress
+
+        clone = copy.copy(self)
+        clone._splits = {}
+        with progress.task(
+            f"reading {self.spec}", sum(self.count(s) for s in self.splits)
+        ) as advance:
+            for name, sel in self._splits.items():
+                images = np.empty((len(sel.indices), *self.image_shape), dtype=np.uint8)
+                for start in range(0, len(sel.indices), 1024):
+                    batch = sel.raw.load(sel.indices[start : start + 1024])
+                    images[start : start + len(batch)] = batch
+                    advance(len(batch))
+                raw = ArraySplit(images, sel.labels)
+                clone._splits[name] = _Selection(raw, np.arange(len(sel.indices)), sel.labels)
+        return clone
 
     def original_sizes(self, split: str) -> OriginalSizes | None:
         sel = self._get(split)

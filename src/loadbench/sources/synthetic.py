@@ -129,7 +129,7 @@ def _tone_rgb(tone: np.ndarray, n_tones: int) -> np.ndarray:
 
 def _lowfreq(rng: np.random.Generator, n: int, size: int, grid: int, channels: int) -> np.ndarray:
     """Smooth random fields (n, size, size, channels): a coarse grid upsampled bilinearly."""
-    coarse = rng.standard_normal((n, grid, grid, channels)).astype(np.float32)
+    coarse = rng.standard_normal((n, grid, grid, channels), dtype=np.float32)
     pos = np.linspace(0, grid - 1, size, dtype=np.float32)
     lo = np.minimum(pos.astype(np.int64), grid - 2)
     frac = pos - lo
@@ -177,9 +177,14 @@ def render(
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3
     background = c0 + (c1 - c0) * ramp[..., None]
     background += 0.07 * _lowfreq(rng, n, size, 5, 3)
-    stripes = 0.08 * np.sin(per_image(6, 14) * (np.cos(angle) * yy - np.sin(angle) * xx) * np.pi)
-    background += ((style % 2) == 1)[:, None, None, None] * stripes[..., None]
-    background += (style >= 2)[:, None, None, None] * 0.12 * _lowfreq(rng, n, size, 9, 3)
+    frequency = per_image(6, 14)
+    striped = np.flatnonzero(style % 2 == 1)  # only classes whose style has them pay for them
+    if len(striped):
+        phase = (np.cos(angle) * yy - np.sin(angle) * xx)[striped]
+        background[striped] += 0.08 * np.sin(frequency[striped] * phase * np.pi)[..., None]
+    blotchy = np.flatnonzero(style >= 2)
+    if len(blotchy):
+        background[blotchy] += 0.12 * _lowfreq(rng, len(blotchy), size, 9, 3)
 
     # Object: the class's shape and tone, placed, scaled and rotated at random, lit from a side.
     cx, cy = per_image(-0.3, 0.3), per_image(-0.3, 0.3)
@@ -191,12 +196,12 @@ def render(
     edge = 1.5 * 2 / size  # about one and a half pixels of soft edge, like a lens
     alpha = np.clip(0.5 - distance / edge, 0, 1)[..., None]
     tone = _tone_rgb(tone_of[labels], n_tones)[:, None, None, :]
-    tone = np.clip(tone + rng.normal(0, 0.04, (n, 1, 1, 3)), 0, 1)
+    tone = np.clip(tone + rng.normal(0, 0.04, (n, 1, 1, 3)), 0, 1).astype(np.float32)
     light = 1 + 0.3 * (per_image(-1, 1) * u + per_image(-1, 1) * v)
     obj = tone * light[..., None] + 0.04 * _lowfreq(rng, n, size, 7, 3)
     image = background * (1 - alpha) + obj * alpha
 
-    image += rng.normal(0, 0.012, image.shape).astype(np.float32)  # sensor grain
+    image += np.float32(0.012) * rng.standard_normal(image.shape, dtype=np.float32)  # grain
     if channels == 1:
         image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         image = image[..., None]
