@@ -1,6 +1,6 @@
 """End to end at the study's scale: CIFAR-10's shape, every format, every image verified.
 
-Run with `make test-slow` (about 2 minutes on 2 cores); kept out of `make test`.
+Run with `make test-slow` (a few minutes on 2 cores); kept out of `make test`.
 """
 
 from __future__ import annotations

@@ -38,55 +38,32 @@ SOURCE_HELP = (
     "fashion-mnist:PATH, tiny-imagenet:PATH, folder:PATH (options may follow ?a=1&b=2)."
 )
 
+
+def _source_option(help: str, *names: str):
+    return typer.Option(*names, help=help, rich_help_panel=SOURCE_PANEL)
+
+
+def _format_option(help: str):
+    return typer.Option(help=help, rich_help_panel=FORMAT_PANEL)
+
+
 # Source options shared by `stats` and `convert`.
-Limit = Annotated[
-    int | None,
-    typer.Option(help="First N images of every split (stratified).", rich_help_panel=SOURCE_PANEL),
-]
+Limit = Annotated[int | None, _source_option("First N images of every split (stratified).")]
 Remap = Annotated[
     str | None,
-    typer.Option(
-        help="New classes from old: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9' or JSON.",
-        rich_help_panel=SOURCE_PANEL,
-    ),
+    _source_option("New classes from old: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9' or JSON."),
 ]
-Drop = Annotated[
-    str | None,
-    typer.Option(
-        help="Classes to remove, by name or index: 'Bag' or '8,9'.", rich_help_panel=SOURCE_PANEL
-    ),
-]
-ValRatio = Annotated[
-    float | None,
-    typer.Option(help="Carve a stratified val split from train.", rich_help_panel=SOURCE_PANEL),
-]
-TestRatio = Annotated[
-    float | None,
-    typer.Option(help="Carve a stratified test split from train.", rich_help_panel=SOURCE_PANEL),
-]
-Seed = Annotated[
-    int | None,
-    typer.Option(help="Seed of carved splits and generated data.", rich_help_panel=SOURCE_PANEL),
-]
+Drop = Annotated[str | None, _source_option("Classes to remove, by name or index: 'Bag' or '8,9'.")]
+ValRatio = Annotated[float | None, _source_option("Carve a stratified val split from train.")]
+TestRatio = Annotated[float | None, _source_option("Carve a stratified test split from train.")]
+Seed = Annotated[int | None, _source_option("Seed of carved splits and generated data.")]
 Size = Annotated[
-    str | None,
-    typer.Option(
-        help="folder/tiny-imagenet: resize+centre-crop to N or HxW.", rich_help_panel=SOURCE_PANEL
-    ),
+    str | None, _source_option("folder/tiny-imagenet: resize+centre-crop to N or HxW.")
 ]
-Channels = Annotated[
-    int | None,
-    typer.Option(
-        help="folder/tiny-imagenet/synthetic: 1 or 3 channels.", rich_help_panel=SOURCE_PANEL
-    ),
-]
+Channels = Annotated[int | None, _source_option("folder/tiny-imagenet/synthetic: 1 or 3 channels.")]
 SkipCorrupt = Annotated[
     bool,
-    typer.Option(
-        "--skip-corrupt",
-        help="folder/tiny-imagenet: skip and count unreadable images.",
-        rich_help_panel=SOURCE_PANEL,
-    ),
+    _source_option("folder/tiny-imagenet: skip and count unreadable images.", "--skip-corrupt"),
 ]
 
 
@@ -265,48 +242,25 @@ def convert(
     size: Size = None,
     channels: Channels = None,
     skip_corrupt: SkipCorrupt = False,
-    jpeg_quality: Annotated[
-        int | None, typer.Option(help="JPEG quality 1-100 (90).", rich_help_panel=FORMAT_PANEL)
-    ] = None,
+    jpeg_quality: Annotated[int | None, _format_option("JPEG quality 1-100 (90).")] = None,
     jpeg_subsampling: Annotated[
-        str | None,
-        typer.Option(
-            help="JPEG chroma subsampling 4:4:4|4:2:2|4:2:0 (4:4:4).", rich_help_panel=FORMAT_PANEL
-        ),
+        str | None, _format_option("JPEG chroma subsampling 4:4:4|4:2:2|4:2:0 (4:4:4).")
     ] = None,
-    png_compression: Annotated[
-        int | None, typer.Option(help="PNG zlib level 0-9 (6).", rich_help_panel=FORMAT_PANEL)
-    ] = None,
+    png_compression: Annotated[int | None, _format_option("PNG zlib level 0-9 (6).")] = None,
     chunk_images: Annotated[
-        int | None,
-        typer.Option(
-            help="hdf5/zarr: images per chunk (auto: ~1 MiB).", rich_help_panel=FORMAT_PANEL
-        ),
+        int | None, _format_option("hdf5/zarr: images per chunk (auto: ~1 MiB).")
     ] = None,
     compression: Annotated[
         str | None,
-        typer.Option(
-            help="hdf5: none|gzip|lzf; zarr: none|blosc-zstd|blosc-lz4|zstd|gzip.",
-            rich_help_panel=FORMAT_PANEL,
-        ),
+        _format_option("hdf5: none|gzip|lzf; zarr: none|blosc-zstd|blosc-lz4|zstd|gzip."),
     ] = None,
-    compression_level: Annotated[
-        int | None, typer.Option(help="Codec level.", rich_help_panel=FORMAT_PANEL)
-    ] = None,
-    store: Annotated[
-        str | None, typer.Option(help="zarr: dir|zip.", rich_help_panel=FORMAT_PANEL)
-    ] = None,
+    compression_level: Annotated[int | None, _format_option("Codec level.")] = None,
+    store: Annotated[str | None, _format_option("zarr: dir|zip.")] = None,
     shard_size: Annotated[
-        int | None,
-        typer.Option(
-            help="webdataset/tfrecord: images per shard (10000).", rich_help_panel=FORMAT_PANEL
-        ),
+        int | None, _format_option("webdataset/tfrecord: images per shard (10000).")
     ] = None,
     encoding: Annotated[
-        str | None,
-        typer.Option(
-            help="webdataset: npy|png|jpeg; tfrecord: raw|png|jpeg.", rich_help_panel=FORMAT_PANEL
-        ),
+        str | None, _format_option("webdataset: npy|png|jpeg; tfrecord: raw|png|jpeg.")
     ] = None,
 ) -> None:
     """Convert a dataset into one or more storage formats (atomic; an identical store is reused).

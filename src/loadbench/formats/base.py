@@ -238,6 +238,32 @@ def read_by_chunks(indices: np.ndarray, block: int, read_slice, out: np.ndarray)
     return out
 
 
+class ChunkedArrayReader(SplitReader):
+    """Readers of array files that decode whole chunks (HDF5, Zarr): one slice per chunk.
+
+    `_open` returns {"images": array-like, "labels": ndarray, ...}; anything in it with a
+    `close()` (the file, the store) is closed with the reader.
+    """
+
+    read_errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
+
+    def __init__(self, root: str, manifest: Any, split: str, default_chunk: int = 256):
+        super().__init__(root, manifest, split)
+        # Contiguous arrays are still read in slices of `default_chunk` images, so one sparse
+        # batch does not pull the whole span between its first and last index.
+        self.chunk = manifest.splits[split].model_extra.get("chunk_images") or default_chunk
+
+    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = self.handle
+        try:
+            out = read_by_chunks(
+                indices, self.chunk, lambda lo, hi: h["images"][lo:hi], self._empty(len(indices))
+            )
+        except self.read_errors as e:
+            raise self._damaged(f"{self.split}/images cannot be read", e) from None
+        return out, h["labels"][indices]
+
+
 class Format:
     """A storage format: name, allowed dtypes, options, and its writer and reader classes."""
 

@@ -14,19 +14,15 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.formats.base import (
     DTYPES,
+    ChunkedArrayReader,
     Format,
     Option,
     SplitLayout,
-    SplitReader,
     SplitWriter,
-    read_by_chunks,
     register_format,
 )
 
 FILE = "data.h5"
-# Contiguous datasets are still read in slices of this many images, so one sparse batch does
-# not pull the span between its first and last index.
-CONTIGUOUS_SLICE = 256
 
 
 def auto_chunk(image_shape, dtype: str, target_bytes: int = 1 << 20) -> int:
@@ -81,11 +77,7 @@ def chunk_images(image_shape, dtype: str, options: dict) -> int | None:
     return None
 
 
-class Hdf5Reader(SplitReader):
-    def __init__(self, root, manifest, split):
-        super().__init__(root, manifest, split)
-        self.chunk = manifest.splits[split].model_extra.get("chunk_images") or CONTIGUOUS_SLICE
-
+class Hdf5Reader(ChunkedArrayReader):
     def _open(self):
         import h5py
 
@@ -99,21 +91,6 @@ class Hdf5Reader(SplitReader):
             raise self._damaged(f"/{self.split}/images has shape {images.shape}", "wrong shape")
         # Labels are small: read once per process instead of once per item.
         return {"file": file, "images": images, "labels": labels[()]}
-
-    def read_items(self, indices):
-        h = self.handle
-        try:
-            out = read_by_chunks(
-                indices, self.chunk, lambda lo, hi: h["images"][lo:hi], self._empty(len(indices))
-            )
-        except OSError as e:
-            raise self._damaged(f"/{self.split}/images cannot be read", e) from None
-        return out, h["labels"][indices]
-
-    def close(self):
-        handle, self._handle = self._handle, None
-        if handle is not None and self._pid == os.getpid():
-            handle["file"].close()
 
 
 @register_format

@@ -9,12 +9,13 @@ the shards, an index of where each image's bytes start in which shard, so that a
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import numpy as np
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats import codecs
-from loadbench.formats.base import Option, SplitReader
+from loadbench.formats.base import Format, Option, SplitReader
 
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i8")])
 
@@ -29,13 +30,21 @@ def encoding_options(raw_name: str) -> dict[str, Option]:
     }
 
 
-def check_encoding(format_name: str, raw_name: str, dtype: str, options: dict) -> None:
-    if options["encoding"] != raw_name and dtype != "uint8":
-        raise LoadbenchError(
-            f"{format_name} encoding={options['encoding']} stores uint8 images only; "
-            f"use --dtype uint8 or encoding={raw_name}"
-        )
-    codecs.check_quality(format_name, options)
+class RecordFormat(Format):
+    """A sharded record format whose images are raw (any dtype) or PNG/JPEG (uint8)."""
+
+    raw_encoding: ClassVar[str]
+
+    def check(self, dtype: str, options: dict) -> None:
+        if options["encoding"] != self.raw_encoding and dtype != "uint8":
+            raise LoadbenchError(
+                f"{self.name} encoding={options['encoding']} stores uint8 images only; "
+                f"use --dtype uint8 or encoding={self.raw_encoding}"
+            )
+        codecs.check_quality(self.name, options)
+
+    def is_lossy(self, options: dict) -> bool:
+        return options["encoding"] == "jpeg"
 
 
 def encode_image(image: np.ndarray, encoding: str, options: dict) -> tuple[bytes, np.ndarray]:

@@ -15,12 +15,12 @@ import struct
 
 import numpy as np
 
-from loadbench.formats.base import DTYPES, Format, SplitLayout, SplitWriter, register_format
+from loadbench.formats.base import DTYPES, SplitLayout, SplitWriter, register_format
 from loadbench.formats.records import (
     INDEX_DTYPE,
     SHARD_OPTION,
+    RecordFormat,
     ShardReader,
-    check_encoding,
     encode_image,
     encoding_options,
     save_index,
@@ -123,15 +123,10 @@ class TfRecordReader(ShardReader):
 
 
 @register_format
-class TfRecordFormat(Format):
+class TfRecordFormat(RecordFormat):
     name = "tfrecord"
     summary = "TFRecord shards of tf.train.Example (raw|png|jpeg), CRC-checked, no TensorFlow"
+    raw_encoding = "raw"
     options = {**SHARD_OPTION, **encoding_options("raw")}
     writer_class = TfRecordWriter
     reader_class = TfRecordReader
-
-    def check(self, dtype, options):
-        check_encoding(self.name, "raw", dtype, options)
-
-    def is_lossy(self, options):
-        return options["encoding"] == "jpeg"

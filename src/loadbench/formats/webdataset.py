@@ -13,12 +13,12 @@ import tarfile
 
 import numpy as np
 
-from loadbench.formats.base import Format, SplitLayout, SplitWriter, register_format
+from loadbench.formats.base import SplitLayout, SplitWriter, register_format
 from loadbench.formats.records import (
     INDEX_DTYPE,
     SHARD_OPTION,
+    RecordFormat,
     ShardReader,
-    check_encoding,
     encode_image,
     encoding_options,
     save_index,
@@ -97,15 +97,10 @@ class WebDatasetReader(ShardReader):
 
 
 @register_format
-class WebDatasetFormat(Format):
+class WebDatasetFormat(RecordFormat):
     name = "webdataset"
     summary = "WebDataset tar shards (<key>.npy|png|jpg + <key>.cls), streamable"
+    raw_encoding = "npy"
     options = {**SHARD_OPTION, **encoding_options("npy")}
     writer_class = WebDatasetWriter
     reader_class = WebDatasetReader
-
-    def check(self, dtype, options):
-        check_encoding(self.name, "npy", dtype, options)
-
-    def is_lossy(self, options):
-        return options["encoding"] == "jpeg"

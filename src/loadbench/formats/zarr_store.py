@@ -16,12 +16,11 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.formats.base import (
     DTYPES,
+    ChunkedArrayReader,
     Format,
     Option,
     SplitLayout,
-    SplitReader,
     SplitWriter,
-    read_by_chunks,
     register_format,
 )
 from loadbench.formats.hdf5 import auto_chunk
@@ -105,10 +104,8 @@ class ZarrWriter(SplitWriter):
         return {"chunk_images": self.chunk}
 
 
-class ZarrReader(SplitReader):
-    def __init__(self, root, manifest, split):
-        super().__init__(root, manifest, split)
-        self.chunk = manifest.splits[split].model_extra["chunk_images"]
+class ZarrReader(ChunkedArrayReader):
+    read_errors = (OSError, ValueError, RuntimeError)  # codecs raise their own kinds
 
     def _open(self):
         import zarr
@@ -127,21 +124,6 @@ class ZarrReader(SplitReader):
         if images.shape != (self.count, *self.image_shape):
             raise self._damaged(f"{self.split}/images has shape {images.shape}", "wrong shape")
         return {"store": store, "images": images, "labels": labels}
-
-    def read_items(self, indices):
-        h = self.handle
-        try:
-            out = read_by_chunks(
-                indices, self.chunk, lambda lo, hi: h["images"][lo:hi], self._empty(len(indices))
-            )
-        except (OSError, ValueError, RuntimeError) as e:
-            raise self._damaged(f"a chunk of {self.split}/images cannot be decoded", e) from None
-        return out, h["labels"][indices]
-
-    def close(self):
-        handle, self._handle = self._handle, None
-        if handle is not None and self._pid == os.getpid():
-            handle["store"].close()
 
 
 @register_format
