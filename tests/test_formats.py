@@ -266,6 +266,13 @@ def test_tensor_format_loads_onto_the_chosen_device(stores):
     images, labels = store.read_batch("train", [0, 1])
     assert images.device.type == "cpu" and labels.device.type == "cpu"
     assert images.dtype == torch.float32
+    permutation = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    shuffled, shuffled_labels = store.read_batch("train", permutation)  # indexed in place
+    expected, expected_labels = stores["npy", "uint8"].read_batch("train", permutation.numpy())
+    torch.testing.assert_close(shuffled, expected, rtol=0, atol=0)
+    assert shuffled_labels.tolist() == expected_labels.tolist()
+    with pytest.raises(IndexError, match="index 40 out of range"):
+        store.read_batch("train", [3, 40])
 
 
 # -- shapes: grayscale, RGB, odd sizes, tiny counts ------------------------------------------------

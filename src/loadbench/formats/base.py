@@ -159,16 +159,20 @@ class SplitReader:
         Reads happen in sorted order (sequential on disk, each chunk once), then the batch is
         put back into the order asked for.
         """
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if len(indices) and (indices.min() < -self.count or indices.max() >= self.count):
-            bad = indices[(indices < -self.count) | (indices >= self.count)][0]
-            raise IndexError(f"index {bad} out of range for split {self.split!r} of {self.count}")
-        indices = np.where(indices < 0, indices + self.count, indices)
+        indices = self.check_indices(indices)
         unique, inverse = np.unique(indices, return_inverse=True)
         images, labels = self.read_items(unique)
         if len(unique) == len(indices) and np.array_equal(unique, indices):
             return images, labels
         return images[inverse], labels[inverse]
+
+    def check_indices(self, indices) -> np.ndarray:
+        """Indices as int64 in 0..count-1 (negative ones count from the end); IndexError else."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < -self.count or indices.max() >= self.count):
+            bad = indices[(indices < -self.count) | (indices >= self.count)][0]
+            raise IndexError(f"index {bad} out of range for split {self.split!r} of {self.count}")
+        return np.where(indices < 0, indices + self.count, indices)
 
     def read_batch_tensor(self, indices):
         """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model."""

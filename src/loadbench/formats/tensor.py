@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from loadbench.formats.base import Format, SplitReader, register_format, to_tensor
 from loadbench.formats.npy import NpyWriter
@@ -19,8 +20,6 @@ from loadbench.formats.npy import NpyWriter
 
 def choose_device(requested: str | None = None) -> str:
     """`cuda` when available and usable in this process, else `cpu`; an explicit choice wins."""
-    import torch
-
     if requested not in (None, "auto"):
         return requested
     from torch.utils.data import get_worker_info
@@ -32,8 +31,6 @@ def choose_device(requested: str | None = None) -> str:
 
 def load_resident(path: str, device: str):
     """A whole `.npy` file as a tensor on `device` (CuPy + DLPack when both are there)."""
-    import torch
-
     if device.startswith("cuda"):
         try:
             import cupy
@@ -65,22 +62,22 @@ class TensorReader(SplitReader):
 
     def read_items(self, indices):
         h = self.handle
-        index = _index_tensor(indices, h["device"])
+        index = torch.as_tensor(indices, dtype=torch.long, device=h["device"])
         return h["images"][index].cpu().numpy(), h["labels"][index].cpu().numpy()
 
     def read_batch_tensor(self, indices):
-        """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it."""
+        """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it.
+
+        Indices already on the device (a permutation drawn there) are used as they are; others
+        are checked on the host first, because an out-of-range index on CUDA is a device-side
+        assert that kills the process, not an IndexError.
+        """
         h = self.handle
-        index = _index_tensor(indices, h["device"])
+        if isinstance(indices, torch.Tensor) and indices.device == h["device"]:
+            index = indices.long()
+        else:
+            index = torch.as_tensor(self.check_indices(indices), device=h["device"])
         return to_tensor(h["images"][index]), h["labels"][index]
-
-
-def _index_tensor(indices, device):
-    import torch
-
-    if isinstance(indices, torch.Tensor):
-        return indices.to(device=device, dtype=torch.long)
-    return torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)
 
 
 @register_format
