@@ -6,10 +6,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import loadbench
 
-COMMANDS = ["sources", "formats", "stats", "convert", "verify"]
+COMMANDS = [
+    "sources",
+    "formats",
+    "stats",
+    "convert",
+    "verify",
+    "models",
+    "train",
+    "lr-find",
+    "predict",
+]
 
 
 def run(*args, cwd=None):
@@ -107,3 +118,48 @@ def test_sources_and_formats_list_what_exists():
     assert "masks-like" in sources and "512x512x3" in sources
     formats = run("formats").stdout
     assert "--chunk-images" in formats and "blosc-zstd" in formats
+
+
+def test_train_predict_and_lr_find_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run("train", "digits?limit=60", "--widths", "8,16", "--epochs", "2", "--out", run_dir)
+    assert trained.returncode == 0, trained.stderr
+    assert "test accuracy" in trained.stdout and f"run directory: {run_dir}" in trained.stdout
+    assert "epoch 2/2" in trained.stderr
+    resumed = run("train", "--resume", run_dir, "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "epoch 3/3" in resumed.stderr and "epoch 1/3" not in resumed.stderr
+    again = run("train", "digits?limit=60", "--out", run_dir)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    from PIL import Image
+
+    Image.new("L", (9, 7), 128).save(tmp_path / "odd.png")
+    predicted = run("predict", run_dir / "model.pt", tmp_path / "odd.png", "--top", "2")
+    assert predicted.returncode == 0, predicted.stderr
+    assert "odd.png (7x9):" in predicted.stdout and predicted.stdout.count("%") == 2
+    found = run("lr-find", "digits?limit=60", "--iterations", "30", "--out", tmp_path / "lrf")
+    assert found.returncode == 0, found.stderr
+    assert (tmp_path / "lrf" / "lr_find.png").is_file()
+    assert (tmp_path / "lrf" / "lr_find.csv").read_text().startswith("lr,loss,smoothed_loss")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "digits", "--lr", "0"], "'lr': Input should be greater than 0"),
+        (["train", "digits", "--epochs", "0"], "'epochs'"),
+        (["train", "digits", "--model", "vgg"], "unknown model 'vgg'"),
+        pytest.param(
+            ["train", "digits", "--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
+        (["train", "--resume", "/no/run"], "not a training run"),
+        (["predict", "/no/model.pt", "x.png"], "/no/model.pt does not exist"),
+        (["models", "--input", "32x32"], "is not HxWxC"),
+    ],
+)
+def test_bad_training_input_is_one_line(tmp_path, args, message):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -25,9 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console()
-if not out.is_terminal:  # piped or captured: rich's 80 columns would cut paths in tables
-    out = Console(width=160)
+stdout = Console()
+if not stdout.is_terminal:  # piped or captured: rich's 80 columns would cut paths in tables
+    stdout = Console(width=160)
 err = Console(stderr=True)
 _state = {"debug": False}
 
@@ -89,7 +89,7 @@ def _main(
     if version:
         from loadbench import __version__
 
-        out.print(f"loadbench {__version__}")
+        stdout.print(f"loadbench {__version__}")
         raise typer.Exit()
 
 
@@ -109,7 +109,7 @@ def sources() -> None:
     for kind in _load_kinds().values():
         spec = kind.name + (f":{kind.arg}" if kind.arg else "")
         table.add_row(spec, kind.summary, ", ".join(kind.options.model_fields))
-    out.print(table)
+    stdout.print(table)
     presets = Table(title="synthetic presets")
     for column in ("preset", "shape", "classes", "train", "eval split"):
         presets.add_column(column)
@@ -121,7 +121,7 @@ def sources() -> None:
             f"{p.count:,}",
             f"{p.eval_split} {p.eval_count:,}",
         )
-    out.print(presets)
+    stdout.print(presets)
 
 
 @app.command()
@@ -142,7 +142,7 @@ def formats() -> None:
             for k, o in fmt.options.items()
         )
         table.add_row(fmt.name, ", ".join(fmt.dtypes), fmt.summary, options or "-")
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -172,9 +172,9 @@ def stats(
             skip_corrupt=skip_corrupt,
         )  # fmt: skip
         results = source_stats(src)
-    out.print(f"[bold]{src.spec}[/bold]: {len(src.classes)} classes")
+    stdout.print(f"[bold]{src.spec}[/bold]: {len(src.classes)} classes")
     for note in src.notes:
-        out.print(f"[yellow]note:[/yellow] {note}")
+        stdout.print(f"[yellow]note:[/yellow] {note}")
     table = Table(title="Splits")
     for column in ("split", "images", "stored HxWxC", "bytes/image", "channel mean", "channel std"):
         table.add_column(column, justify="right")
@@ -184,7 +184,7 @@ def stats(
             s.split, f"{s.count:,}", f"{h}x{w}x{c}", f"{s.stored_bytes_per_image:,}",
             ", ".join(f"{v:.4f}" for v in s.channel_mean), ", ".join(f"{v:.4f}" for v in s.channel_std),
         )  # fmt: skip
-    out.print(table)
+    stdout.print(table)
     originals = [s for s in results if s.original_width is not None]
     if originals:
         sizes = Table(title="Original image files (before resizing)")
@@ -200,7 +200,7 @@ def stats(
                     s.split, label, f"{summary.min:,.0f}", f"{summary.mean:,.1f}",
                     f"{summary.median:,.0f}", f"{summary.max:,.0f}",
                 )  # fmt: skip
-        out.print(sizes)
+        stdout.print(sizes)
     classes = Table(title="Images per class")
     classes.add_column("class")
     for s in results:
@@ -210,7 +210,7 @@ def stats(
         classes.add_row(name, *(f"{s.class_counts[name]:,}" for s in results))
     if len(src.classes) > len(shown):
         classes.add_row(f"... {len(src.classes) - len(shown)} more", *("" for _ in results))
-    out.print(classes)
+    stdout.print(classes)
 
 
 @app.command()
@@ -313,7 +313,7 @@ def convert(
             name, m.dtype, f"{images:,}", _mib(m.bytes), f"{m.bytes / max(images, 1):,.0f}",
             f"{m.convert_time_s:.2f}", _short(st.path, out_dir) + (f" [dim]({note})[/dim]" if note else ""),
         )  # fmt: skip
-    out.print(table)
+    stdout.print(table)
 
 
 def _mib(n: int) -> str:
@@ -364,12 +364,12 @@ def verify(
             versus,
             result,
         )
-    out.print(table)
+    stdout.print(table)
     failed = [c for c in checks if not c.passed]
     if failed:
         err.print(f"[red]{len(failed)} of {len(checks)} split check(s) failed[/red]")
         raise typer.Exit(1)
-    out.print(f"[green]all {len(checks)} split check(s) passed[/green]")
+    stdout.print(f"[green]all {len(checks)} split check(s) passed[/green]")
 
 
 def _short(store_path: str, given: str) -> str:
@@ -378,6 +378,340 @@ def _short(store_path: str, given: str) -> str:
     given = os.path.abspath(os.path.expanduser(given))
     rel = os.path.relpath(store_path, given)
     return os.path.basename(store_path) if rel == "." else rel
+
+
+MODEL_PANEL = "Model"
+OPTIM_PANEL = "Optimizer and schedule"
+DATA_PANEL = "Data and loading"
+RUN_PANEL = "Run"
+
+
+def _opt(help: str, panel: str, *names: str):
+    return typer.Option(*names, help=help, rich_help_panel=panel)
+
+
+DataArg = Annotated[
+    str | None,
+    typer.Argument(help="A store (from loadbench convert) or a source spec, e.g. digits."),
+]
+ModelOpt = Annotated[
+    str | None, _opt("cnn-tiny, cnn-blocks, mlp, resnet18, resnet50 (cnn-blocks).", MODEL_PANEL)
+]
+Filters = Annotated[int | None, _opt("cnn-tiny: filters per conv (5).", MODEL_PANEL)]
+Widths = Annotated[str | None, _opt("cnn-blocks: filters per block (20,40,80,160).", MODEL_PANEL)]
+Activation = Annotated[str | None, _opt("cnn-blocks: relu|sigmoid|selu (relu).", MODEL_PANEL)]
+BatchNorm = Annotated[
+    bool | None,
+    _opt("cnn-blocks: batch norm after every conv.", MODEL_PANEL, "--batch-norm/--no-batch-norm"),
+]
+Dropout = Annotated[
+    str | None, _opt("cnn-blocks/mlp: one rate or one per block: 0.1,0.2,0.3,0.4.", MODEL_PANEL)
+]
+Pool = Annotated[int | None, _opt("cnn-blocks: max-pool size per block (2).", MODEL_PANEL)]
+Head = Annotated[
+    str | None, _opt("cnn-blocks: flatten|gap; gap accepts any image size (gap).", MODEL_PANEL)
+]
+Hidden = Annotated[str | None, _opt("mlp: hidden layer widths (512,256).", MODEL_PANEL)]
+Weights = Annotated[
+    str | None, _opt("resnet: a local state-dict file of pretrained weights.", MODEL_PANEL)
+]
+Freeze = Annotated[
+    bool | None,
+    _opt("resnet: train only the new head.", MODEL_PANEL, "--freeze-backbone/--no-freeze-backbone"),
+]
+Stem = Annotated[
+    str | None, _opt("resnet: auto|imagenet|small (auto: small under 96 px).", MODEL_PANEL)
+]
+BatchSize = Annotated[int | None, _opt("Images per batch (64).", DATA_PANEL)]
+Optimizer = Annotated[str | None, _opt("sgd|rmsprop|adam|adamw (adam).", OPTIM_PANEL)]
+Lr = Annotated[float | None, _opt("Learning rate (sgd 0.01, others 0.001).", OPTIM_PANEL)]
+Momentum = Annotated[float | None, _opt("sgd/rmsprop momentum (0.9).", OPTIM_PANEL)]
+Nesterov = Annotated[
+    bool | None, _opt("sgd: Nesterov momentum.", OPTIM_PANEL, "--nesterov/--no-nesterov")
+]
+WeightDecay = Annotated[float | None, _opt("L2 weight decay (0; adamw 0.01).", OPTIM_PANEL)]
+Augment = Annotated[str | None, _opt("Any of flip,crop,rotate,jitter.", DATA_PANEL)]
+Access = Annotated[str | None, _opt("sample|batch|device (sample).", DATA_PANEL)]
+Workers = Annotated[int | None, _opt("DataLoader worker processes (0).", DATA_PANEL)]
+Device = Annotated[str | None, _opt("auto|cpu|cuda (auto: cuda when present).", RUN_PANEL)]
+SeedOpt = Annotated[int | None, _opt("Seeds Python, NumPy and torch (0).", RUN_PANEL)]
+Config = Annotated[str | None, _opt("A YAML file of these options (flags win).", RUN_PANEL)]
+
+
+@app.command()
+def train(
+    data: DataArg = None,
+    model: ModelOpt = None,
+    filters: Filters = None,
+    widths: Widths = None,
+    activation: Activation = None,
+    batch_norm: BatchNorm = None,
+    dropout: Dropout = None,
+    pool: Pool = None,
+    head: Head = None,
+    hidden: Hidden = None,
+    weights: Weights = None,
+    freeze_backbone: Freeze = None,
+    stem: Stem = None,
+    epochs: Annotated[int | None, _opt("Epochs (10).", RUN_PANEL)] = None,
+    batch_size: BatchSize = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    momentum: Momentum = None,
+    nesterov: Nesterov = None,
+    weight_decay: WeightDecay = None,
+    schedule: Annotated[
+        str | None, _opt("none|step|multistep|cyclic|cosine-restarts|onecycle.", OPTIM_PANEL)
+    ] = None,
+    step_size: Annotated[
+        int | None, _opt("step: epochs between decays (epochs/3).", OPTIM_PANEL)
+    ] = None,
+    gamma: Annotated[float | None, _opt("step/multistep: decay factor (0.1).", OPTIM_PANEL)] = None,
+    milestones: Annotated[str | None, _opt("multistep: epochs, e.g. 50,75.", OPTIM_PANEL)] = None,
+    max_lr: Annotated[
+        float | None, _opt("cyclic/onecycle: peak lr (cyclic 4x lr; onecycle lr).", OPTIM_PANEL)
+    ] = None,
+    cycle_epochs: Annotated[
+        float | None, _opt("cyclic: epochs per cycle (4).", OPTIM_PANEL)
+    ] = None,
+    restart_epochs: Annotated[
+        float | None, _opt("cosine-restarts: first period in epochs (epochs/4).", OPTIM_PANEL)
+    ] = None,
+    restart_mult: Annotated[
+        int | None, _opt("cosine-restarts: period growth factor (1).", OPTIM_PANEL)
+    ] = None,
+    augment: Augment = None,
+    normalize: Annotated[
+        bool | None,
+        _opt(
+            "Per-channel mean/std of train (on; off for cnn-tiny).",
+            DATA_PANEL,
+            "--normalize/--no-normalize",
+        ),
+    ] = None,
+    balance: Annotated[str | None, _opt("none|weighted|oversample (none).", DATA_PANEL)] = None,
+    val_ratio: Annotated[
+        float | None, _opt("Carve a stratified val split from train.", DATA_PANEL)
+    ] = None,
+    eval_split: Annotated[
+        str | None, _opt("Split to evaluate on (val, else test, else carved).", DATA_PANEL)
+    ] = None,
+    access: Access = None,
+    workers: Workers = None,
+    pin_memory: Annotated[
+        bool | None,
+        _opt("Pinned host memory (on with CUDA).", DATA_PANEL, "--pin-memory/--no-pin-memory"),
+    ] = None,
+    early_stopping: Annotated[
+        int | None, _opt("Stop after N epochs without val-loss gain; restore the best.", RUN_PANEL)
+    ] = None,
+    kfold: Annotated[
+        int | None, _opt("K-fold cross-validation on the training split.", RUN_PANEL)
+    ] = None,
+    device: Device = None,
+    amp: Annotated[
+        bool | None,
+        _opt("Mixed precision (fp16 on CUDA, bf16 on CPU).", RUN_PANEL, "--amp/--no-amp"),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        _opt(
+            "torch.compile the model (compile time reported apart).",
+            RUN_PANEL,
+            "--compile/--no-compile",
+        ),
+    ] = None,
+    seed: SeedOpt = None,
+    smooth: Annotated[
+        float | None, _opt("EMA smoothing of the curves plot, 0-0.99 (0).", RUN_PANEL)
+    ] = None,
+    overfit_batch: Annotated[
+        bool, _opt("Only check that one batch can be learnt to 100%.", RUN_PANEL, "--overfit-batch")
+    ] = False,
+    out: Annotated[str | None, _opt("Run directory (runs/<time>-<model>).", RUN_PANEL)] = None,
+    config: Config = None,
+    resume: Annotated[str | None, _opt("Continue the run in this directory.", RUN_PANEL)] = None,
+) -> None:
+    """Train a classifier from a store or a source; writes history, metrics, curves and the model.
+
+    Examples:
+      [bold]loadbench train digits --model cnn-blocks --head gap --epochs 15[/bold]
+      [bold]loadbench train stores/cifar-npy --model cnn-tiny --optimizer sgd --lr 0.001 --momentum 0.9 --epochs 150[/bold]
+      [bold]loadbench train stores/cifar-hdf5 --model cnn-blocks --batch-norm --dropout 0.1,0.2,0.3,0.4 --schedule onecycle --augment flip,crop[/bold]
+      [bold]loadbench train --resume runs/20261122-101500-cnn-blocks --epochs 30[/bold]
+    """
+    from loadbench import progress
+    from loadbench.training.config import load_config
+    from loadbench.training.train import resume_config, summary_line
+    from loadbench.training.train import train as run_training
+
+    options = {
+        "data": data, "model": model, "filters": filters, "widths": widths,
+        "activation": activation, "batch_norm": batch_norm, "dropout": dropout, "pool": pool,
+        "head": head, "hidden": hidden, "weights": weights, "freeze_backbone": freeze_backbone,
+        "stem": stem, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+        "lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+        "schedule": schedule, "step_size": step_size, "gamma": gamma, "milestones": milestones,
+        "max_lr": max_lr, "cycle_epochs": cycle_epochs, "restart_epochs": restart_epochs,
+        "restart_mult": restart_mult, "augment": augment, "normalize": normalize,
+        "balance": balance, "val_ratio": val_ratio, "eval_split": eval_split, "access": access,
+        "workers": workers, "pin_memory": pin_memory, "early_stopping": early_stopping,
+        "kfold": kfold, "device": device, "amp": amp, "compile": compile, "seed": seed,
+        "smooth": smooth, "out": out,
+    }  # fmt: skip
+    cfg = resume_config(resume, **options) if resume else load_config(config, **options)
+    with progress.enabled():
+        if overfit_batch:
+            _overfit(cfg)
+            return
+        result = run_training(cfg, resume=bool(resume))
+    if cfg.kfold and not resume:
+        summary = result.metrics["kfold"]
+        stdout.print(
+            f"{cfg.kfold}-fold val accuracy {summary['accuracy']['mean']:.4f} "
+            f"+- {summary['accuracy']['std']:.4f}, macro F1 {summary['f1_macro']['mean']:.4f} "
+            f"+- {summary['f1_macro']['std']:.4f}"
+        )
+    else:
+        stdout.print(summary_line(result.metrics))
+    stdout.print(f"run directory: {result.out_dir}")
+
+
+def _overfit(cfg) -> None:
+    from loadbench.training.loop import Run
+
+    run = Run(cfg)
+    sanity = run.initial_loss()
+    stdout.print(
+        f"loss before training {sanity['initial_loss']:.4f} (ln {len(run.classes)} = "
+        f"{sanity['expected_ln_classes']:.4f})"
+    )
+    result = run.overfit_batch()
+    verdict = "[green]learnt[/green]" if result["learnt"] else "[red]not learnt[/red]"
+    stdout.print(
+        f"one batch of {result['batch_size']}: {verdict} after {result['steps']} steps, "
+        f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}"
+    )
+    if not result["learnt"]:
+        raise typer.Exit(1)
+
+
+@app.command("lr-find")
+def lr_find_command(
+    data: DataArg = None,
+    model: ModelOpt = None,
+    filters: Filters = None,
+    widths: Widths = None,
+    activation: Activation = None,
+    batch_norm: BatchNorm = None,
+    dropout: Dropout = None,
+    pool: Pool = None,
+    head: Head = None,
+    hidden: Hidden = None,
+    weights: Weights = None,
+    freeze_backbone: Freeze = None,
+    stem: Stem = None,
+    batch_size: BatchSize = None,
+    optimizer: Optimizer = None,
+    momentum: Momentum = None,
+    nesterov: Nesterov = None,
+    weight_decay: WeightDecay = None,
+    augment: Augment = None,
+    access: Access = None,
+    workers: Workers = None,
+    device: Device = None,
+    seed: SeedOpt = None,
+    start_lr: Annotated[float, typer.Option(help="First lr of the sweep.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Last lr of the sweep.")] = 10.0,
+    iterations: Annotated[int, typer.Option(help="Batches in the sweep.")] = 100,
+    out: Annotated[str, typer.Option(help="Directory for lr_find.png and lr_find.csv.")] = ".",
+    config: Config = None,
+) -> None:
+    """Sweep the learning rate exponentially over batches; plot the loss and suggest an lr.
+
+    Example: [bold]loadbench lr-find stores/cifar-npy --model cnn-blocks --batch-norm --optimizer sgd --out runs/lrf[/bold]
+    """
+    import csv
+    import os
+
+    from loadbench import progress
+    from loadbench.training.config import load_config
+    from loadbench.training.loop import Run
+    from loadbench.training.lr_find import lr_find
+    from loadbench.training.plots import plot_lr_find
+
+    if iterations < 5 or not 0 < start_lr < end_lr:
+        raise LoadbenchError("lr-find needs 0 < --start-lr < --end-lr and --iterations >= 5")
+    cfg = load_config(
+        config, data=data, model=model, filters=filters, widths=widths, activation=activation,
+        batch_norm=batch_norm, dropout=dropout, pool=pool, head=head, hidden=hidden,
+        weights=weights, freeze_backbone=freeze_backbone, stem=stem, batch_size=batch_size,
+        optimizer=optimizer, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        augment=augment, access=access, workers=workers, device=device, seed=seed,
+    )  # fmt: skip
+    with progress.enabled():
+        run = Run(cfg)
+        result = lr_find(run, start_lr, end_lr, iterations)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lr_find.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["lr", "loss", "smoothed_loss"])
+        writer.writerows(zip(result.lrs, result.losses, result.smoothed, strict=True))
+    png = plot_lr_find(result.lrs, result.losses, os.path.join(out, "lr_find.png"),
+                       suggestion=result.suggestion, smoothed=result.smoothed)  # fmt: skip
+    if result.suggestion is None:
+        out_text = (
+            "no lr to suggest: the loss did not fall anywhere in the sweep; try a wider range "
+            "or more --iterations"
+        )
+    else:
+        out_text = (
+            f"suggested lr {result.suggestion:.3g} (steepest descent; lowest loss at "
+            f"{result.min_loss_lr:.3g}, a tenth of it is {result.min_loss_lr / 10:.3g})"
+        )
+    stdout.print(f"{out_text}\nplot: {png}")
+
+
+@app.command()
+def predict(
+    model_file: Annotated[str, typer.Argument(help="A model.pt written by loadbench train.")],
+    images: Annotated[list[str], typer.Argument(help="Image files of any size.")],
+    top: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Classify image files with a trained model and print the top classes with probabilities.
+
+    Example: [bold]loadbench predict runs/digits/model.pt photo.png scan-28x32.png[/bold]
+    """
+    from loadbench.training.predict import predict_files
+
+    for p in predict_files(model_file, images, top=top, device=device):
+        h, w = p.size
+        ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in p.top)
+        stdout.print(f"{p.path} ({h}x{w}): {ranked}", highlight=False)
+
+
+@app.command()
+def models(
+    input_shape: Annotated[str, typer.Option("--input", help="Image size HxWxC.")] = "32x32x3",
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
+) -> None:
+    """List the models with their parameter counts for an input shape.
+
+    Example: [bold]loadbench models --input 28x28x1 --classes 10[/bold]
+    """
+    from loadbench.training.models import models_table
+
+    try:
+        h, w, c = (int(v) for v in input_shape.lower().split("x"))
+    except ValueError:
+        raise LoadbenchError(f"--input {input_shape!r} is not HxWxC, e.g. 32x32x3") from None
+    table = Table(title=f"Models for {h}x{w}x{c} images, {classes} classes")
+    for column in ("model", "what", "parameters", "options (defaults)"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for name, summary, count, options in models_table((c, h, w), classes):
+        table.add_row(name, summary, f"{count:,}", options)
+    stdout.print(table)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ _active: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
     "loadbench_progress_active", default=None
 )
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and captured output: keep epoch lines on one line
+    console = Console(stderr=True, width=160)
 
 
 @contextlib.contextmanager

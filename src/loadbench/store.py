@@ -11,6 +11,7 @@ import os
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils.data
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -142,27 +143,20 @@ class Store:
         self.manifest = manifest
         self.device = device  # where device-resident formats (tensor) load; None = auto
         self.format = get_format(manifest.format)
+        self.format_name = manifest.format
+        self.classes: list[str] = manifest.classes
+        self.counts = {split: info.count for split, info in manifest.splits.items()}
+        self.dtype: str = manifest.dtype
+        self.image_shape: tuple[int, int, int] = tuple(manifest.image_shape)
         self._readers: dict[str, SplitReader] = {}
         self.skipped = False  # set by convert when an identical store already existed
 
     @property
-    def classes(self) -> list[str]:
-        return self.manifest.classes
-
-    @property
     def splits(self) -> list[str]:
-        return list(self.manifest.splits)
-
-    @property
-    def dtype(self) -> str:
-        return self.manifest.dtype
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.manifest.image_shape
+        return list(self.counts)
 
     def _check_split(self, split: str) -> None:
-        if split not in self.manifest.splits:
+        if split not in self.counts:
             raise LoadbenchError(
                 f"store {self.path} has no split {split!r}; it has {', '.join(self.splits)}"
             )
@@ -171,10 +165,12 @@ class Store:
         """The split's reader: stored pixels (H, W, C) in the storage dtype, for verification."""
         self._check_split(split)
         if split not in self._readers:
-            self._readers[split] = self._reader(split)
+            self._readers[split] = self.new_reader(split)
         return self._readers[split]
 
-    def _reader(self, split: str) -> SplitReader:
+    def new_reader(self, split: str) -> SplitReader:
+        """A reader of its own (for a DataLoader), not the one `raw` shares."""
+        self._check_split(split)
         reader = self.format.reader(self.path, self.manifest, split)
         reader.device = self.device
         return reader
@@ -182,18 +178,18 @@ class Store:
     def dataset(self, split: str, transform=None) -> StoreDataset:
         """A map-style torch Dataset of (float32 tensor C,H,W in [0, 1], int label)."""
         self._check_split(split)
-        return StoreDataset(self._reader(split), self.classes, transform)
+        return StoreDataset(self.new_reader(split), self.classes, transform)
 
     def read_batch(self, split: str, indices) -> tuple[Any, Any]:
         """(float32 tensor N,C,H,W in [0, 1], int64 tensor N) for `indices`, in one call."""
         return self.raw(split).read_batch_tensor(indices)
 
     def __len__(self) -> int:
-        return sum(info.count for info in self.manifest.splits.values())
+        return sum(self.counts.values())
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{s}={i.count}" for s, i in self.manifest.splits.items())
-        return f"Store({self.path!r}, {self.manifest.format}, {self.dtype}, {counts})"
+        counts = ", ".join(f"{s}={n}" for s, n in self.counts.items())
+        return f"{type(self).__name__}({self.path!r}, {self.format_name}, {self.dtype}, {counts})"
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -221,6 +217,63 @@ class StoreDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             tensor = self.transform(tensor)
         return tensor, label
+
+
+class ArrayReader(SplitReader):
+    """A split held in memory as uint8 arrays: the reader of a source opened for training."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, split: str):
+        self.root = "<memory>"
+        self.split = split
+        self.count = len(labels)
+        self.image_shape = tuple(images.shape[1:])
+        self.dtype = "uint8"
+        self.options = {}
+        self._handle = self._pid = None
+        self.images, self.labels = images, labels
+
+    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+
+class MemoryStore(Store):
+    """A source decoded into memory and used like a store (`loadbench train SOURCE`)."""
+
+    def __init__(self, source):
+        from loadbench import progress
+
+        with progress.task(f"reading {source.spec}", len(source.splits)) as advance:
+            self.arrays = {}
+            for split in source.splits:
+                self.arrays[split] = source.split(split)
+                advance(1)
+        self.path = f"<memory:{source.spec}>"
+        self.manifest = None
+        self.device = None
+        self.format = None
+        self.format_name = "memory"
+        self.source = source
+        self.classes = list(source.classes)
+        self.counts = {split: source.count(split) for split in source.splits}
+        self.dtype = "uint8"
+        self.image_shape = tuple(source.image_shape)
+        self._readers = {}
+        self.skipped = False
+
+    def new_reader(self, split: str) -> SplitReader:
+        return ArrayReader(*self.arrays[split], split)
+
+
+def open_data(spec_or_path: str, device: str | None = None) -> Store:
+    """A store directory opened with `open_store`, or else a source spec held in memory."""
+    from loadbench.sources import load_source
+
+    path = os.path.expanduser(str(spec_or_path))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+        return open_store(path, device)
+    if os.path.isdir(path) and find_stores(path):
+        read_manifest(path)  # raises the "folder of stores" error
+    return MemoryStore(load_source(str(spec_or_path)))
 
 
 def open_store(path: str, device: str | None = None) -> Store:

@@ -47,11 +47,12 @@ def to_tensor(images):
     """
     import torch
 
-    t = (
-        images
-        if isinstance(images, torch.Tensor)
-        else torch.from_numpy(np.ascontiguousarray(images))
-    )
+    if not isinstance(images, torch.Tensor):
+        images = np.ascontiguousarray(images)
+        if not images.flags.writeable:  # PIL and memory maps hand out read-only arrays
+            images = images.copy()
+        images = torch.from_numpy(images)
+    t = images
     t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
     if t.dtype == torch.uint8:
         return t.float().div_(255)

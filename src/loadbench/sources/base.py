@@ -295,7 +295,7 @@ def _apply_options(raw: RawDataset, opts: SourceOptions) -> tuple[list[str], dic
         if "train" not in selections:
             raise LoadbenchError(f"{carved}_ratio needs a 'train' split to carve from")
         train = selections["train"]
-        take = _stratified_sample(train.labels, ratio, opts.seed + (1 if carved == "val" else 0))
+        take = stratified_sample(train.labels, ratio, opts.seed + (1 if carved == "val" else 0))
         rest = np.setdiff1d(np.arange(len(train.indices)), take)
         selections[carved] = _Selection(train.raw, train.indices[take], train.labels[take])
         selections["train"] = _Selection(train.raw, train.indices[rest], train.labels[rest])
@@ -380,7 +380,7 @@ def first_n_stratified(labels: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(rank_in_class < quota[class_pos])
 
 
-def _stratified_sample(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+def stratified_sample(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Sorted positions of a seeded, per-class `ratio` sample (at least one per class if >1)."""
     rng = np.random.default_rng(seed)
     picked = []

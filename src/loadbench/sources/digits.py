@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from loadbench.sources import register_source
-from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions, _stratified_sample
+from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions, stratified_sample
 
 
 @register_source(
@@ -26,7 +26,7 @@ def open_digits(arg: str | None, opts: SourceOptions) -> RawDataset:
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int64)
-    test = _stratified_sample(labels, 0.2, seed=0)
+    test = stratified_sample(labels, 0.2, seed=0)
     train = np.setdiff1d(np.arange(len(labels)), test)
     splits = {
         "train": ArraySplit(images[train], labels[train]),

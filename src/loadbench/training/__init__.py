@@ -1,0 +1,1 @@
+"""Training harness: models, optimizers, schedules, the training loop, metrics and plots."""

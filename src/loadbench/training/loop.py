@@ -1,0 +1,393 @@
+"""The training run: data, model, optimizer and schedule in, history, metrics and files out.
+
+Every epoch records what the benchmark needs besides loss and accuracy: wall time, time waiting
+for the next batch (data stall) and compute time (with CUDA synchronised), images per second and
+time to the first batch. Each epoch ends with an atomic checkpoint, so an interrupted run resumes
+(`--resume RUN_DIR`) from its last finished epoch and gives the same history as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from loadbench import progress
+from loadbench.errors import LoadbenchError
+from loadbench.store import Store, open_data
+from loadbench.training import checkpoint as ckpt
+from loadbench.training.config import TrainConfig
+from loadbench.training.data import (
+    Augmenter,
+    EpochOrder,
+    SplitPlan,
+    build_augment,
+    channel_stats,
+    labels_of,
+    make_batches,
+    plan_splits,
+)
+from loadbench.training.metrics import EpochMeter
+from loadbench.training.optim import current_lr, make_optimizer, make_schedule
+
+HISTORY_COLUMNS = (
+    "epoch", "time_s", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "data_wait_s", "compute_s", "eval_time_s", "images_per_s", "first_batch_s",
+)  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadbenchError(f"--device {name}: CUDA is not available here; use cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunResult:
+    out_dir: str | None
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    model: torch.nn.Module = field(repr=False)
+
+
+class Run:
+    """One training run (one fold of k-fold is one run)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        store: Store | None = None,
+        plan: SplitPlan | None = None,
+        out_dir: str | None = None,
+        callbacks: tuple[Callable[[dict[str, Any]], None], ...] = (),
+    ):
+        self.config = c = config
+        self.store = store if store is not None else open_data(c.data)
+        self.device = resolve_device(c.device)
+        self.out_dir = out_dir if out_dir is not None else c.out
+        self.callbacks = callbacks
+        seed_everything(c.seed)
+        self.plan = plan or plan_splits(self.store, c.eval_split, c.val_ratio, c.seed)
+        self.train_labels = labels_of(self.store, "train")[self.plan.train_indices]
+        self.eval_labels = labels_of(self.store, self.plan.eval_source)[self.plan.eval_indices]
+        self.classes = self.store.classes
+        self.model = self._build_model()
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.optimizer = make_optimizer(self.model, c)
+        self.train_batches, self.eval_batches = self._batches()
+        self.schedule = make_schedule(self.optimizer, c, len(self.train_batches))
+        self.use_amp = c.amp
+        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=amp_dtype, enabled=c.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.device.type == "cuda")
+        self.history: list[dict[str, Any]] = []
+        self.best = {"loss": math.inf, "epoch": 0, "bad_epochs": 0}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.compile_time_s = 0.0
+        self.forward = self.model
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _build_model(self) -> ckpt.Classifier:
+        from loadbench.training.models import create_model
+
+        c = self.config
+        h, w, channels = self.store.image_shape
+        self.input_shape = (channels, h, w)
+        net = create_model(c.model, self.input_shape, len(self.classes), **c.model_options())
+        normalize = c.normalize if c.normalize is not None else c.model != "cnn-tiny"
+        if normalize:  # statistics of the training images only (document 003)
+            mean, std = channel_stats(self.store, "train", self.plan.train_indices)
+        else:  # document 004's minimal net takes the image scaled to [0, 1] as it is
+            mean, std = [0.0] * channels, [1.0] * channels
+        self.mean, self.std = mean, std
+        return ckpt.Classifier(net, mean, std).to(self.device)
+
+    def _batches(self):
+        c = self.config
+        names = list(c.augment)
+        augment = build_augment(names, self.store.image_shape)
+        copy_augment = None
+        if c.balance == "oversample":  # copies of minority images are flipped and rotated
+            copy_augment = build_augment(
+                sorted(set(names) | {"flip", "rotate"}), self.store.image_shape
+            )
+        augmenter = Augmenter(augment, copy_augment, c.seed) if augment or copy_augment else None
+        pin = c.pin_memory if c.pin_memory is not None else self.device.type == "cuda"
+        common = {
+            "access": c.access, "batch_size": c.batch_size, "workers": c.workers,
+            "pin_memory": pin and c.access != "device", "device": self.device,
+        }  # fmt: skip
+        self.train_order = EpochOrder(
+            self.plan.train_indices, self.train_labels, c.seed, shuffle=True, balance=c.balance
+        )
+        eval_order = EpochOrder(self.plan.eval_indices, self.eval_labels, c.seed, shuffle=False)
+        train = make_batches(self.store, "train", self.train_order, augmenter=augmenter, **common)
+        evaluate = make_batches(
+            self.store, self.plan.eval_source, eval_order, augmenter=None, **common
+        )
+        return train, evaluate
+
+    def meta(self) -> dict[str, Any]:
+        """What a model file needs to be used again (see checkpoint.save_model)."""
+        return {
+            "model": self.config.model,
+            "model_options": _json_able(self.config.model_options()),
+            "input_shape": list(self.input_shape),
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    # -- steps -------------------------------------------------------------------------------
+    def _to_device(self, images, labels):
+        blocking = self.device.type != "cuda"
+        return (
+            images.to(self.device, non_blocking=not blocking),
+            labels.to(self.device, non_blocking=not blocking),
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, images, labels) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.forward(images)
+            loss = self.loss_fn(logits.float(), labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logits.detach(), loss.detach()
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        self.model.train()
+        self.train_order.set_epoch(epoch)
+        torch.manual_seed(self.config.seed * 7919 + epoch)  # dropout: same per epoch on resume
+        meter = EpochMeter()
+        data_wait = compute = 0.0
+        first_batch = None
+        batches = len(self.train_batches)
+        started = time.perf_counter()
+        with progress.task(f"epoch {epoch}", batches) as advance:
+            iterator = iter(self.train_batches)
+            for i in range(batches + 1):
+                t0 = time.perf_counter()
+                try:
+                    images, labels = next(iterator)
+                except StopIteration:
+                    break
+                images, labels = self._to_device(images, labels)
+                t1 = time.perf_counter()
+                data_wait += t1 - t0
+                if first_batch is None:
+                    first_batch = t1 - started
+                logits, loss = self.train_step(images, labels)
+                self.schedule.after_batch(epoch - 1, i, batches)
+                meter.update(float(loss), logits, labels)
+                self._sync()
+                compute += time.perf_counter() - t1
+                advance(1)
+        elapsed = time.perf_counter() - started
+        return {
+            "time_s": elapsed,
+            "train_loss": meter.loss,
+            "train_accuracy": meter.accuracy,
+            "data_wait_s": data_wait,
+            "compute_s": compute,
+            "images_per_s": meter.count / elapsed if elapsed > 0 else 0.0,
+            "first_batch_s": first_batch or 0.0,
+        }
+
+    @torch.no_grad()
+    def predict(self, batches) -> tuple[float, np.ndarray, np.ndarray]:
+        """(mean loss, predicted classes, targets) over an iterable of batches."""
+        self.model.eval()
+        meter = EpochMeter()
+        predictions, targets = [], []
+        for images, labels in batches:
+            images, labels = self._to_device(images, labels)
+            with self.autocast():
+                logits = self.forward(images)
+            meter.update(float(self.loss_fn(logits.float(), labels)), logits, labels)
+            predictions.append(logits.argmax(1).cpu())
+            targets.append(labels.cpu())
+        if not predictions:
+            return math.nan, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return meter.loss, torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+
+    def evaluate(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        loss, predicted, targets = self.predict(self.eval_batches)
+        accuracy = float(np.mean(predicted == targets)) if len(targets) else math.nan
+        return {
+            "val_loss": loss,
+            "val_accuracy": accuracy,
+            "eval_time_s": time.perf_counter() - started,
+        }
+
+    # -- sanity checks (document 003's recipe) -----------------------------------------------
+    @torch.no_grad()
+    def initial_loss(self) -> dict[str, Any]:
+        """Loss on the first batch before any update, against ln(C) for a fresh classifier."""
+        self.model.eval()
+        self.train_order.set_epoch(0)
+        images, labels = self._to_device(*next(iter(self.train_batches)))
+        loss = float(self.loss_fn(self.forward(images).float(), labels))
+        expected = math.log(len(self.classes))
+        far = abs(loss - expected) > max(0.5, 0.25 * expected)
+        return {"initial_loss": loss, "expected_ln_classes": expected, "far_from_expected": far}
+
+    def overfit_batch(self, max_steps: int = 500) -> dict[str, Any]:
+        """Train on one batch until it is learnt: a model that cannot do this has a bug."""
+        self.model.train()
+        self.train_order.set_epoch(0)
+        images, labels = self._to_device(*next(iter(self.train_batches)))
+        accuracy, loss, steps = 0.0, math.inf, 0
+        while steps < max_steps and not (accuracy == 1.0 and loss < 0.05):
+            logits, loss_t = self.train_step(images, labels)
+            steps += 1
+            loss = float(loss_t)
+            accuracy = float((logits.argmax(1) == labels).float().mean())
+        return {
+            "batch_size": len(labels), "steps": steps, "accuracy": accuracy, "loss": loss,
+            "learnt": accuracy == 1.0,
+        }  # fmt: skip
+
+    # -- the loop ------------------------------------------------------------------------------
+    def maybe_compile(self) -> None:
+        """torch.compile the model; the compile time is measured apart from the epochs."""
+        if not self.config.compile:
+            return
+        self.forward = torch.compile(self.model)
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        started = time.perf_counter()
+        self.train_order.set_epoch(0)
+        images, labels = self._to_device(*next(iter(self.train_batches)))
+        self.model.train()
+        with self.autocast():
+            self.loss_fn(self.forward(images).float(), labels).backward()
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            self.forward(images)
+        self._sync()
+        self.compile_time_s = time.perf_counter() - started
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.load_state_dict(state)  # the warm-up must not change batch-norm statistics
+
+    def fit(self, start_epoch: int = 1) -> None:
+        c = self.config
+        for epoch in range(start_epoch, c.epochs + 1):
+            lr = current_lr(self.optimizer)
+            record = {"epoch": epoch, "lr": lr, **self.train_epoch(epoch), **self.evaluate()}
+            self.schedule.after_epoch()
+            self.history.append(record)
+            stop = self._early_stopping(record)
+            self._save_progress()
+            for callback in self.callbacks:
+                callback(record)
+            progress.console.print(_epoch_line(record, c.epochs), highlight=False)
+            if stop:
+                progress.console.print(
+                    f"early stopping: no val-loss improvement for {c.early_stopping} epochs; "
+                    f"restoring epoch {self.best['epoch']}"
+                )
+                break
+        if c.early_stopping and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def _early_stopping(self, record: dict[str, Any]) -> bool:
+        loss = record["val_loss"]
+        if self.config.early_stopping is None:
+            return False
+        if loss < self.best["loss"]:
+            self.best = {"loss": loss, "epoch": record["epoch"], "bad_epochs": 0}
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return False
+        self.best["bad_epochs"] += 1
+        return self.best["bad_epochs"] >= self.config.early_stopping
+
+    # -- files ---------------------------------------------------------------------------------
+    def _save_progress(self) -> None:
+        if self.out_dir is None:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        write_history(os.path.join(self.out_dir, "history.csv"), self.history)
+        if self.best_state is not None:
+            ckpt.save_atomic(self.best_state, os.path.join(self.out_dir, "best.pt"))
+        state = {
+            "epoch": self.history[-1]["epoch"],
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+        }
+        ckpt.save_atomic(state, os.path.join(self.out_dir, "checkpoint.pt"))
+
+    def restore(self, out_dir: str) -> int:
+        """Load the last checkpoint of `out_dir`; returns the epoch to continue from."""
+        state = ckpt.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        best_file = os.path.join(out_dir, "best.pt")
+        if os.path.isfile(best_file):
+            self.best_state = torch.load(best_file, map_location=self.device, weights_only=True)
+        return int(state["epoch"]) + 1
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {r['epoch']}/{epochs}  {r['time_s']:.2f}s  lr {r['lr']:.3g}  "
+        f"train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.3f}  "
+        f"val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.3f}  "
+        f"data wait {r['data_wait_s']:.2f}s  {r['images_per_s']:,.0f} img/s"
+    )
+
+
+def write_history(path: str, history: list[dict[str, Any]]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def _json_able(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_able(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_able(v) for v in value]
+    return value
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=float)
+    os.replace(tmp, path)

@@ -1,0 +1,368 @@
+"""Training runs as users run them: outputs, resume, determinism, access modes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loadbench
+from loadbench.errors import LoadbenchError
+from loadbench.training.config import TrainConfig, load_config
+from loadbench.training.loop import HISTORY_COLUMNS, Run
+from loadbench.training.lr_find import lr_find, suggest
+from loadbench.training.optim import current_lr, make_optimizer, make_schedule
+from loadbench.training.predict import predict_files
+from loadbench.training.train import train
+
+FAST = {"widths": "8,16", "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """160 train + 48 test 16x16 RGB images of 4 classes, as an npy store."""
+    source = loadbench.load_source(
+        "synthetic:cifar-like?count=160&eval_count=48&size=16&classes=4&seed=3"
+    )
+    return loadbench.convert(source, "npy", tmp_path_factory.mktemp("tiny") / "npy")
+
+
+def config(store, tmp_path, **overrides) -> TrainConfig:
+    values = {"data": store.path, "epochs": 2, "out": str(tmp_path / "run"), **FAST, **overrides}
+    return TrainConfig(**values)
+
+
+def losses(history):
+    return [(r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in history]
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_every_output(tiny_store, tmp_path):
+    result = train(config(tiny_store, tmp_path))
+    out = tmp_path / "run"
+    for name in ("history.csv", "metrics.json", "curves.png", "confusion.png", "model.pt",
+                 "config.yaml", "checkpoint.pt"):  # fmt: skip
+        assert (out / name).is_file(), name
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == list(HISTORY_COLUMNS)
+    assert all(float(r["time_s"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_split"] == "test"  # the store has no val split: said and used
+    test = metrics["test"]
+    assert 0 <= test["accuracy"] <= 1 and len(test["confusion_matrix"]) == 4
+    assert sum(map(sum, test["confusion_matrix"])) == 48
+    assert set(test["per_class"]) == set(tiny_store.classes)
+    assert metrics["epoch_time_s"]["first"] == pytest.approx(float(rows[0]["time_s"]))
+    assert metrics["parameters"]["total"] == metrics["parameters"]["trainable"] > 0
+    blob = torch.load(out / "model.pt", weights_only=True)  # safe loading works
+    assert blob["classes"] == tiny_store.classes and blob["input_shape"] == [3, 16, 16]
+    assert len(blob["mean"]) == 3 and blob["model"] == "cnn-blocks"
+    saved = load_config(str(out / "config.yaml"))
+    assert saved.widths == "8,16" and saved.epochs == 2
+    assert result.history[-1]["val_accuracy"] == test["accuracy"]
+
+
+def test_normalisation_uses_the_training_split_only(tiny_store, tmp_path):
+    run = Run(config(tiny_store, tmp_path))
+    images, _ = tiny_store.raw("train").read_batch(np.arange(160))
+    expected = (images.reshape(-1, 3) / 255.0).mean(axis=0)
+    np.testing.assert_allclose(run.mean, expected, rtol=1e-6)
+    tiny = Run(config(tiny_store, tmp_path, model="cnn-tiny", widths=None))
+    assert tiny.mean == [0.0] * 3 and tiny.std == [1.0] * 3  # document 004: inputs in [0, 1]
+
+
+def test_a_val_split_is_carved_when_the_store_has_none(tmp_path):
+    source = loadbench.load_source("digits", limit=100)
+    train_only = loadbench.from_arrays({"train": source.split("train")})
+    store = loadbench.convert(train_only, "npy", tmp_path / "train-only")
+    run = Run(TrainConfig(data=store.path, **FAST, out=str(tmp_path / "r")))
+    assert run.plan.eval_split == "val" and run.plan.eval_source == "train"
+    assert len(run.plan.eval_indices) == 10 and "carved" in run.plan.note
+    assert not set(run.plan.eval_indices) & set(run.plan.train_indices)
+
+
+# -- reproducibility, resume, interruption ---------------------------------------------------
+
+
+def test_same_seed_same_history(tiny_store, tmp_path):
+    a = train(config(tiny_store, tmp_path / "a", augment="flip,crop"))
+    b = train(config(tiny_store, tmp_path / "b", augment="flip,crop"))
+    c = train(config(tiny_store, tmp_path / "c", augment="flip,crop", seed=1))
+    assert losses(a.history) == losses(b.history)
+    assert losses(a.history) != losses(c.history)
+
+
+@pytest.mark.parametrize("access,workers", [("batch", 0), ("device", 0), ("sample", 2)])
+def test_access_mode_and_workers_change_speed_not_learning(tiny_store, tmp_path, access, workers):
+    reference = train(config(tiny_store, tmp_path / "ref", augment="flip"))
+    other = train(
+        config(tiny_store, tmp_path / "x", augment="flip", access=access, workers=workers)
+    )
+    np.testing.assert_allclose(losses(other.history), losses(reference.history), rtol=1e-5)
+
+
+def test_resume_continues_exactly(tiny_store, tmp_path):
+    straight = train(
+        config(tiny_store, tmp_path / "straight", epochs=4, schedule="cosine-restarts")
+    )
+    first = config(tiny_store, tmp_path / "split", epochs=2, schedule="cosine-restarts")
+    train(first)
+    with pytest.raises(LoadbenchError, match="already holds a run; continue it with --resume"):
+        train(first)
+    resumed = train(first.model_copy(update={"epochs": 4}), resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    np.testing.assert_allclose(losses(resumed.history), losses(straight.history), rtol=1e-5)
+
+
+def test_ctrl_c_leaves_a_checkpoint_to_resume_from(tiny_store, tmp_path):
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny_store, tmp_path, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=(interrupt,))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    resumed = train(cfg, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_store, tmp_path):
+    cfg = config(tiny_store, tmp_path, epochs=30, early_stopping=1, lr=0.05, optimizer="sgd")
+    result = train(cfg)
+    assert len(result.history) < 30
+    best = min(result.history, key=lambda r: r["val_loss"])
+    assert result.metrics["best_epoch"] == best["epoch"]
+    assert result.metrics["test"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+# -- optimizers, schedules, lr finder ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw"])
+def test_every_optimizer_steps(optimizer):
+    model = torch.nn.Linear(4, 2)
+    cfg = TrainConfig(data="x", optimizer=optimizer, nesterov=optimizer == "sgd")
+    opt = make_optimizer(model, cfg)
+    before = model.weight.detach().clone()
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.arange(8) % 2).backward()
+    opt.step()
+    assert not torch.equal(before, model.weight)
+    assert current_lr(opt) == (0.01 if optimizer == "sgd" else 0.001)
+
+
+def _lrs(schedule: str, epochs: int = 8, batches: int = 4, **options) -> list[float]:
+    """The lr at the start of every batch over a whole run."""
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(
+        data="x", optimizer="sgd", lr=0.1, epochs=epochs, schedule=schedule, **options
+    )
+    opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, cfg, batches)
+    seen = []
+    for epoch in range(epochs):
+        for b in range(batches):
+            seen.append(current_lr(opt))
+            opt.step()
+            sched.after_batch(epoch, b, batches)
+        sched.after_epoch()
+    return seen
+
+
+def test_schedules_change_the_lr_as_specified():
+    assert set(_lrs("none")) == {0.1}
+    step = _lrs("step", step_size=3)
+    assert (
+        step[0] == 0.1
+        and step[3 * 4] == pytest.approx(0.01)
+        and step[6 * 4] == pytest.approx(0.001)
+    )
+    multi = _lrs("multistep", milestones="2,6")
+    assert (
+        multi[1 * 4] == 0.1
+        and multi[2 * 4] == pytest.approx(0.01)
+        and multi[6 * 4] == pytest.approx(0.001)
+    )
+    cyclic = _lrs("cyclic", cycle_epochs=2)  # up in 1 epoch (4 batches), down in the next
+    assert cyclic[0] == pytest.approx(0.1) and cyclic[4] == pytest.approx(0.4)
+    assert cyclic[8] == pytest.approx(0.1)
+    sgdr = _lrs("cosine-restarts", restart_epochs=2)
+    assert sgdr[0] == pytest.approx(0.1) and sgdr[7] < 0.01 and sgdr[8] == pytest.approx(0.1)
+    one = _lrs("onecycle")
+    peak = int(np.argmax(one))
+    assert one[0] == pytest.approx(0.1 / 25) and one[peak] == pytest.approx(0.1, rel=1e-3)
+    assert peak == pytest.approx(0.25 * 32, abs=1) and one[-1] < 1e-4
+
+
+def test_lr_find_sweeps_suggests_and_restores(tiny_store, tmp_path):
+    run = Run(config(tiny_store, tmp_path, optimizer="sgd"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    result = lr_find(run, num_it=40)
+    assert result.lrs[0] == pytest.approx(1e-7) and len(result.losses) <= 40
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
+    assert result.suggestion is not None and 1e-7 < result.suggestion < 10
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_suggest_picks_the_steepest_fall():
+    lrs = list(np.logspace(-5, 0, 50))
+    curve = [
+        2.0 - 1.5 / (1 + np.exp(-(np.log10(lr) + 3) * 4)) for lr in lrs
+    ]  # falls fastest at 1e-3
+    steepest, lowest = suggest(lrs, curve)
+    assert steepest == pytest.approx(1e-3, rel=0.5)
+    assert lowest == lrs[-1]
+
+
+# -- sanity checks, balance, k-fold -----------------------------------------------------------
+
+
+def test_initial_loss_is_near_ln_classes_and_one_batch_is_learnt(tiny_store, tmp_path):
+    run = Run(config(tiny_store, tmp_path, batch_norm=True))
+    sanity = run.initial_loss()
+    assert sanity["expected_ln_classes"] == pytest.approx(math.log(4))
+    assert not sanity["far_from_expected"]
+    result = run.overfit_batch()
+    assert result["learnt"] and result["accuracy"] == 1.0
+
+
+def test_balancing_an_imbalanced_split(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 60 + [1] * 12 + [2] * 8)
+    images = rng.integers(0, 256, (80, 8, 8, 1), dtype=np.uint8)
+    source = loadbench.from_arrays({"train": (images, labels), "test": (images[:9], labels[:9])})
+    store = loadbench.convert(source, "npy", tmp_path / "s")
+    weighted = Run(TrainConfig(data=store.path, balance="weighted", **FAST))
+    drawn, _ = weighted.train_order.draw()
+    assert len(drawn) == 80 and np.bincount(labels[drawn]).min() > 12  # minorities drawn more
+    over = Run(TrainConfig(data=store.path, balance="oversample", **FAST))
+    drawn, copies = over.train_order.draw()
+    assert np.bincount(labels[drawn]).tolist() == [60, 60, 60]
+    assert copies.sum() == 60 * 3 - 80 and not copies[np.isin(drawn, np.arange(60))].any()
+    result = train(
+        TrainConfig(
+            data=store.path, balance="oversample", epochs=1, out=str(tmp_path / "r"), **FAST
+        )
+    )
+    assert result.history[0]["images_per_s"] > 0
+
+
+def test_kfold_reports_mean_and_std(tiny_store, tmp_path):
+    result = train(config(tiny_store, tmp_path, kfold=2, epochs=1))
+    summary = json.loads((tmp_path / "run" / "kfold.json").read_text())
+    assert summary["folds"] == 2 and len(summary["accuracy"]["per_fold"]) == 2
+    assert summary["accuracy"]["mean"] == pytest.approx(np.mean(summary["accuracy"]["per_fold"]))
+    assert (tmp_path / "run" / "fold-1" / "model.pt").is_file()
+    assert (tmp_path / "run" / "fold-2" / "metrics.json").is_file()
+    assert result.metrics["kfold"] == summary
+
+
+def test_amp_on_the_cpu_trains(tiny_store, tmp_path):
+    result = train(config(tiny_store, tmp_path, amp=True, epochs=1))
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+# -- predict ---------------------------------------------------------------------------------------
+
+
+def test_predict_a_non_square_image_with_a_gap_model(tiny_store, tmp_path):
+    train(config(tiny_store, tmp_path, head="gap"))
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 32, 3), dtype=np.uint8)).save(
+        image
+    )
+    (prediction,) = predict_files(str(tmp_path / "run" / "model.pt"), [str(image)], top=4)
+    assert prediction.size == (28, 32)
+    assert [name for name, _ in prediction.top] != [] and len(prediction.top) == 4
+    assert sum(p for _, p in prediction.top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_resizes_for_a_fixed_size_model(tiny_store, tmp_path):
+    train(config(tiny_store, tmp_path, head="flatten"))
+    image = tmp_path / "big.jpg"
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(image)
+    (prediction,) = predict_files(str(tmp_path / "run" / "model.pt"), [str(image)])
+    assert prediction.size == (16, 16)
+
+
+def test_predict_names_a_broken_image(tiny_store, tmp_path):
+    train(config(tiny_store, tmp_path))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(LoadbenchError, match="broken.png"):
+        predict_files(str(tmp_path / "run" / "model.pt"), [str(broken)])
+    with pytest.raises(LoadbenchError, match="not a model saved by|cannot be loaded"):
+        predict_files(str(tmp_path / "run" / "config.yaml"), [str(broken)])
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lr": 0}, "'lr': Input should be greater than 0"),
+        ({"epochs": -1}, "'epochs': Input should be greater than 0"),
+        ({"optimizer": "lion"}, "'optimizer'"),
+        ({"augment": "mixup"}, "unknown augmentation 'mixup'"),
+        ({"colour": "red"}, "unknown training option 'colour'"),
+    ],
+)
+def test_bad_options_are_named(overrides, message):
+    with pytest.raises(LoadbenchError, match=message):
+        load_config(None, data="digits", **overrides)
+
+
+def test_yaml_config_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: digits\nepochs: 3\nlr: 0.5\n")
+    assert load_config(str(path), lr=0.1).lr == 0.1  # the flag wins
+    assert load_config(str(path)).epochs == 3
+    path.write_text("data: digits\nepoch: 3\n")
+    with pytest.raises(LoadbenchError, match=r"unknown key in .*c.yaml 'epoch'"):
+        load_config(str(path))
+
+
+def test_model_problems_are_clear(tmp_path):
+    small = loadbench.from_arrays({"train": (np.zeros((8, 4, 4), np.uint8), np.arange(8) % 2)})
+    store = loadbench.convert(small, "npy", tmp_path / "small")
+    with pytest.raises(LoadbenchError, match="cnn-tiny"):
+        Run(TrainConfig(data=store.path, model="cnn-tiny"))
+    with pytest.raises(LoadbenchError, match="model 'mlp' has no option 'filters'"):
+        Run(TrainConfig(data=store.path, model="mlp", filters=3))
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(LoadbenchError, match="weights.pt"):
+        Run(TrainConfig(data=store.path, model="resnet18", weights=str(bad)))
+
+
+# -- quality bar and slow paths ------------------------------------------------------------------
+
+
+def test_digits_reach_95_percent_with_the_documented_command(tmp_path):
+    """README promise: `loadbench train digits --model cnn-blocks --head gap --epochs 15`."""
+    cfg = TrainConfig(data="digits", model="cnn-blocks", head="gap", epochs=15, out=str(tmp_path))
+    result = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["eval_split"] == "test"
+    assert metrics["test"]["accuracy"] >= 0.95
+    assert result.metrics["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_compiled_model_learns_the_same_and_reports_compile_time(tiny_store, tmp_path):
+    eager = train(config(tiny_store, tmp_path / "eager"))
+    compiled = train(config(tiny_store, tmp_path / "compiled", compile=True))
+    assert compiled.metrics["compile_time_s"] > 0 and eager.metrics["compile_time_s"] == 0
+    np.testing.assert_allclose(losses(compiled.history), losses(eager.history), rtol=1e-3)
