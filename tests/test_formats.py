@@ -318,3 +318,11 @@ def test_grayscale_round_trip_in_every_format(tmp_path, gray_source):
         np.testing.assert_array_equal(got_labels, labels)
         tensor, _ = store.read_batch("test", [0])
         assert tensor.shape == (1, 1, 7, 5)
+
+
+@pytest.mark.parametrize("name,dtype", valid_combinations())
+def test_labels_come_back_without_reading_images(stores, rgb_source, name, dtype):
+    for split in ("train", "test"):
+        labels = stores[name, dtype].raw(split).labels()
+        assert labels.dtype == np.int64
+        np.testing.assert_array_equal(labels, rgb_source.labels(split))

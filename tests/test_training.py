@@ -366,3 +366,10 @@ def test_compiled_model_learns_the_same_and_reports_compile_time(tiny_store, tmp
     compiled = train(config(tiny_store, tmp_path / "compiled", compile=True))
     assert compiled.metrics["compile_time_s"] > 0 and eager.metrics["compile_time_s"] == 0
     np.testing.assert_allclose(losses(compiled.history), losses(eager.history), rtol=1e-3)
+
+
+def test_a_one_cycle_run_cannot_be_stretched_on_resume(tiny_store, tmp_path):
+    cfg = config(tiny_store, tmp_path, schedule="onecycle", epochs=1)
+    train(cfg)
+    with pytest.raises(LoadbenchError, match="one-cycle schedule .* cannot be extended"):
+        train(cfg.model_copy(update={"epochs": 3}), resume=True)

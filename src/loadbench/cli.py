@@ -561,7 +561,7 @@ def train(
     }  # fmt: skip
     cfg = resume_config(resume, **options) if resume else load_config(config, **options)
     with progress.enabled():
-        if overfit_batch:
+        if overfit_batch or cfg.overfit_batch:
             _overfit(cfg)
             return
         result = run_training(cfg, resume=bool(resume))

@@ -230,10 +230,13 @@ class ArrayReader(SplitReader):
         self.dtype = "uint8"
         self.options = {}
         self._handle = self._pid = None
-        self.images, self.labels = images, labels
+        self.images, self.label_array = images, labels
+
+    def labels(self) -> np.ndarray:
+        return self.label_array
 
     def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[indices], self.labels[indices]
+        return self.images[indices], self.label_array[indices]
 
 
 class MemoryStore(Store):

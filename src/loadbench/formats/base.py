@@ -148,6 +148,14 @@ class SplitReader:
         """Images (n, H, W, C) and labels (n,) for sorted, unique, in-range indices."""
         raise NotImplementedError
 
+    def labels(self) -> np.ndarray:
+        """Every label of the split, in order. Formats that keep labels apart from the images
+        override this so that it reads no image."""
+        labels = np.empty(self.count, dtype=np.int64)
+        for start, _, block_labels in self.iter_blocks(1024):
+            labels[start : start + len(block_labels)] = block_labels
+        return labels
+
     def read(self, index: int) -> tuple[np.ndarray, int]:
         """One image (H, W, C) in the storage dtype and its label."""
         index = self._check_index(index)
@@ -257,6 +265,9 @@ class ChunkedArrayReader(SplitReader):
         # Contiguous arrays are still read in slices of `default_chunk` images, so one sparse
         # batch does not pull the whole span between its first and last index.
         self.chunk = manifest.splits[split].model_extra.get("chunk_images") or default_chunk
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.handle["labels"], dtype=np.int64)
 
     def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = self.handle

@@ -91,6 +91,9 @@ class FilesReader(SplitReader):
     def path(self, index: int, label: int) -> str:
         return os.path.join(self.dir, self.class_dirs[label], f"{index:0{self.width}d}.{self.ext}")
 
+    def labels(self) -> np.ndarray:
+        return self.handle.astype(np.int64)
+
     def read_items(self, indices: np.ndarray):
         labels = self.handle[indices]
         out = self._empty(len(indices))

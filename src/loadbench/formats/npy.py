@@ -59,6 +59,9 @@ class NpyReader(SplitReader):
             raise self._damaged(f"{self.split} arrays have shape {images.shape}", "wrong shape")
         return {"images": images, "labels": labels}
 
+    def labels(self) -> np.ndarray:
+        return np.array(self.handle["labels"], dtype=np.int64)
+
     def read_items(self, indices: np.ndarray):
         h = self.handle
         if len(indices) and indices[-1] - indices[0] + 1 == len(indices):

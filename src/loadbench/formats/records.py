@@ -75,6 +75,9 @@ class ShardReader(SplitReader):
             raise self._damaged(f"{self.split}-index.npy", f"{len(index)} entries")
         return {"index": index, "fds": {}}
 
+    def labels(self) -> np.ndarray:
+        return self.handle["index"]["label"].astype(np.int64)
+
     def _fd(self, shard: int) -> int:
         fds = self.handle["fds"]
         if shard not in fds:

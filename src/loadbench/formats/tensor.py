@@ -60,6 +60,9 @@ class TensorReader(SplitReader):
             )
         return {"images": images, "labels": labels, "device": images.device}
 
+    def labels(self) -> np.ndarray:
+        return self.handle["labels"].cpu().numpy().astype(np.int64)
+
     def read_items(self, indices):
         h = self.handle
         index = torch.as_tensor(indices, dtype=torch.long, device=h["device"])

@@ -79,19 +79,8 @@ def plan_splits(
 
 
 def labels_of(store: Store, split: str) -> np.ndarray:
-    """All labels of a split, read once (through the store's reader)."""
-    reader = store.raw(split)
-    labels = np.empty(len(reader), dtype=np.int64)
-    for start, _, block_labels in _blocks(reader, np.arange(len(reader)), images=False):
-        labels[start : start + len(block_labels)] = block_labels
-    return labels
-
-
-def _blocks(reader: SplitReader, indices: np.ndarray, images: bool = True, size: int = 1024):
-    for start in range(0, len(indices), size):
-        part = indices[start : start + size]
-        got_images, got_labels = reader.read_items(part)
-        yield start, (got_images if images else None), got_labels
+    """All labels of a split (most formats keep them apart: no image is read)."""
+    return store.raw(split).labels()
 
 
 def channel_stats(store: Store, split: str, indices: np.ndarray) -> tuple[list[float], list[float]]:
@@ -100,7 +89,9 @@ def channel_stats(store: Store, split: str, indices: np.ndarray) -> tuple[list[f
     channels = store.image_shape[2]
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
-    for _, images, _ in _blocks(reader, np.sort(indices)):
+    indices = np.sort(indices)
+    for start in range(0, len(indices), 1024):
+        images, _ = reader.read_items(indices[start : start + 1024])
         pixels = images.reshape(-1, channels).astype(np.float64)
         if images.dtype == np.uint8:
             pixels /= 255.0
@@ -269,6 +260,22 @@ def _augment_batch(images: torch.Tensor, keys, augmenter: Augmenter | None) -> t
     )
 
 
+def resident_split(store: Store, split: str, device: torch.device):
+    """(images, labels) of a whole split on `device`, loaded once per store, split and device
+    (a val split carved from train shares the train split's copy)."""
+    cache = store.__dict__.setdefault("_resident", {})
+    key = (split, str(device))
+    if key not in cache:
+        reader = store.new_reader(split)
+        if store.format_name == "tensor":  # loads itself onto the device, through CuPy if there
+            reader.device = str(device)
+            cache[key] = (reader.handle["images"], reader.handle["labels"])
+        else:  # any other format: read the whole split once, then it lives on the device
+            images, labels = reader.read_items(np.arange(len(reader)))
+            cache[key] = (torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))
+    return cache[key]
+
+
 class DeviceBatches:
     """`device` access: the split on the device, batches gathered there by index."""
 
@@ -276,14 +283,7 @@ class DeviceBatches:
                  augmenter: Augmenter | None):  # fmt: skip
         self.order, self.batch_size, self.augmenter = order, batch_size, augmenter
         self.device = torch.device(device)
-        reader = store.new_reader(split)
-        if store.format_name == "tensor":  # loads itself onto the device, through CuPy if there
-            reader.device = str(self.device)
-            self.images, self.labels = reader.handle["images"], reader.handle["labels"]
-        else:  # any other format: read the whole split once, then it lives on the device
-            images, labels = reader.read_items(np.arange(len(reader)))
-            self.images = torch.from_numpy(images).to(self.device)
-            self.labels = torch.from_numpy(labels).to(self.device)
+        self.images, self.labels = resident_split(store, split, self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, copies = self.order.draw()

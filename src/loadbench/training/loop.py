@@ -348,6 +348,13 @@ class Run:
     def restore(self, out_dir: str) -> int:
         """Load the last checkpoint of `out_dir`; returns the epoch to continue from."""
         state = ckpt.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
+        if self.config.schedule == "onecycle":
+            planned = state["schedule"].get("total_steps")
+            if planned != self.schedule.scheduler.total_steps:
+                raise LoadbenchError(
+                    "a one-cycle schedule is planned for the run's length and cannot be "
+                    "extended; resume with the original --epochs or start a new run"
+                )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

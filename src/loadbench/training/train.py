@@ -137,7 +137,8 @@ def train_kfold(config: TrainConfig, store: Store | None = None) -> RunResult:
     store = store if store is not None else open_data(config.data)
     out = config.out or default_out_dir(config)
     labels = labels_of(store, "train")
-    if np.bincount(labels).min() < config.kfold:
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < config.kfold:
         raise LoadbenchError(f"--kfold {config.kfold}: a class has fewer images than folds")
     folds = StratifiedKFold(config.kfold, shuffle=True, random_state=config.seed)
     results = []
