@@ -238,14 +238,8 @@ class _SampleDataset(torch.utils.data.Dataset):
         return tensor, label
 
 
-class _BatchDataset(torch.utils.data.Dataset):
+class _BatchDataset(_SampleDataset):
     """`batch` access: one `read_batch` per batch (keys are lists of sampler tuples)."""
-
-    def __init__(self, reader: SplitReader, augmenter: Augmenter | None):
-        self.reader, self.augmenter = reader, augmenter
-
-    def __len__(self) -> int:
-        return len(self.reader)
 
     def __getitem__(self, keys):
         images, labels = self.reader.read_batch_tensor([k[1] for k in keys])

@@ -394,12 +394,10 @@ def cnn_blocks(
     pool: int,
     head: str,
 ) -> nn.Module:
-    rates = (dropout,) * len(widths) if isinstance(dropout, float) else dropout
-    if len(rates) != len(widths):
-        raise LoadbenchError(
-            f"model cnn-blocks has {len(widths)} blocks (widths={','.join(map(str, widths))}) but"
-            f" {len(rates)} dropout rates: give one rate, or one per block"
-        )
+    rates = _per_layer(
+        dropout, len(widths), f"cnn-blocks has {len(widths)} blocks (widths="
+        f"{','.join(map(str, widths))})", "block",
+    )  # fmt: skip
     c, h, w = input_shape
     layers: list[nn.Module] = []
     if head == "flatten":
@@ -414,6 +412,18 @@ def cnn_blocks(
     return nn.Sequential(*layers)
 
 
+def _per_layer(
+    dropout: float | tuple[float, ...], layers: int, what: str, unit: str
+) -> tuple[float, ...]:
+    """One dropout rate for every layer, or one per layer (any other count is an error)."""
+    rates = (dropout,) * layers if isinstance(dropout, float) else tuple(dropout)
+    if len(rates) != layers:
+        raise LoadbenchError(
+            f"model {what} but {len(rates)} dropout rates: give one rate, or one per {unit}"
+        )
+    return rates
+
+
 @register_model(
     "mlp",
     summary="flattened pixels through ReLU hidden layers: the no-convolution baseline",
@@ -425,12 +435,7 @@ def mlp(
     hidden: tuple[int, ...],
     dropout: float | tuple[float, ...],
 ) -> nn.Module:
-    rates = (dropout,) * len(hidden) if isinstance(dropout, float) else dropout
-    if len(rates) != len(hidden):
-        raise LoadbenchError(
-            f"model mlp has {len(hidden)} hidden layers but {len(rates)} dropout rates:"
-            f" give one rate, or one per hidden layer"
-        )
+    rates = _per_layer(dropout, len(hidden), f"mlp has {len(hidden)} hidden layers", "hidden layer")
     c, h, w = input_shape
     layers: list[nn.Module] = [
         ExpectInput("mlp", input_shape, "resize the images or use cnn-blocks --head gap"),
