@@ -373,3 +373,12 @@ def test_a_one_cycle_run_cannot_be_stretched_on_resume(tiny_store, tmp_path):
     train(cfg)
     with pytest.raises(LoadbenchError, match="one-cycle schedule .* cannot be extended"):
         train(cfg.model_copy(update={"epochs": 3}), resume=True)
+
+
+def test_a_frozen_backbone_keeps_its_batch_norm_statistics(tiny_store, tmp_path):
+    run = Run(config(tiny_store, tmp_path, model="resnet18", widths=None, freeze_backbone=True))
+    before = run.model.net.bn1.running_mean.clone()
+    run.train_epoch(1)
+    assert torch.equal(run.model.net.bn1.running_mean, before)
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".fc." in n for n in trainable)

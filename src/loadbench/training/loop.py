@@ -169,6 +169,16 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def train_mode(self) -> None:
+        """Train mode, except batch norm layers that are frozen (a frozen pretrained backbone):
+        they keep the statistics they were trained with, as Keras freezes a base model."""
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+
     def train_step(self, images, labels) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
@@ -180,7 +190,7 @@ class Run:
         return logits.detach(), loss.detach()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        self.model.train()
+        self.train_mode()
         self.train_order.set_epoch(epoch)
         torch.manual_seed(self.config.seed * 7919 + epoch)  # dropout: same per epoch on resume
         meter = EpochMeter()
@@ -259,7 +269,7 @@ class Run:
 
     def overfit_batch(self, max_steps: int = 500) -> dict[str, Any]:
         """Train on one batch until it is learnt: a model that cannot do this has a bug."""
-        self.model.train()
+        self.train_mode()
         self.train_order.set_epoch(0)
         images, labels = self._to_device(*next(iter(self.train_batches)))
         accuracy, loss, steps = 0.0, math.inf, 0

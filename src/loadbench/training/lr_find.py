@@ -35,7 +35,7 @@ def lr_find(
     lrs, losses, smoothed = [], [], []
     average, best = 0.0, math.inf
     factor = (end_lr / start_lr) ** (1 / max(1, num_it - 1))
-    run.model.train()
+    run.train_mode()
     epoch = 0
     batches = iter(())
     try:
