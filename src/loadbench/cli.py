@@ -714,6 +714,93 @@ def models(
     stdout.print(table)
 
 
+@app.command()
+def bench(
+    experiment: Annotated[
+        str | None, typer.Argument(help="An experiment YAML (default: the built-in one).")
+    ] = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Results directory (results/<experiment name>).")
+    ] = None,
+    stores: Annotated[
+        str | None,
+        typer.Option(
+            help="Where converted stores are kept and reused (~/.cache/loadbench/stores)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the matrix, run nothing.")
+    ] = False,
+) -> None:
+    """Run an experiment: convert what is missing, then every run in its own process, with telemetry.
+
+    Re-running the same command skips finished runs, so a killed experiment resumes.
+
+    Examples:
+      [bold]loadbench bench[/bold]                                   (the built-in experiment)
+      [bold]loadbench bench configs/thesis.yaml --out results/thesis[/bold]
+    """
+    import os
+
+    from loadbench import progress
+    from loadbench.bench.experiment import expand, load_experiment, plan_runs
+    from loadbench.bench.runner import read_runs, run_experiment
+
+    exp = load_experiment(experiment)
+    results = out_dir or os.path.join("results", exp.name)
+    cells = expand(exp)
+    runs = plan_runs(exp, cells)
+    skipped = [c for c in cells if c.skip]
+    stdout.print(
+        f"experiment [bold]{exp.name}[/bold]: {len(cells) - len(skipped)} combinations x "
+        f"{exp.repeats} repeats = {len(runs)} runs, {exp.epochs} epoch(s) each, mode {exp.mode}"
+    )
+    for cell in skipped:
+        stdout.print(f"[yellow]not run:[/yellow] {cell.label}: {cell.skip}", highlight=False)
+    if dry_run:
+        for spec in runs:
+            stdout.print(
+                f"  {spec.key}  {spec.cell.label}  repeat {spec.repeat + 1}", highlight=False
+            )
+        return
+    with progress.enabled():
+        outcome = run_experiment(exp, results, stores)
+    for label, why in outcome.not_run:
+        if not any(label == c.label for c in skipped):
+            stdout.print(f"[yellow]not run:[/yellow] {label}: {why}", highlight=False)
+    _bench_summary(read_runs(results))
+    stdout.print(
+        f"{outcome.ok} run(s) done, {outcome.failed} failed, {outcome.skipped_done} already "
+        f"done before; results in {results}"
+    )
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _bench_summary(records: list[dict]) -> None:
+    """Median steady-state epoch time per combination (the report has the rest)."""
+    import statistics
+
+    latest = {r["key"]: r for r in records}
+    groups: dict[tuple, list[float]] = {}
+    for r in latest.values():
+        if r.get("status") != "ok" or not r.get("epochs"):
+            continue
+        epochs = r["epochs"][1:] or r["epochs"]  # the first epoch is the cold start
+        cell = (r["dataset"], r["format"], r["dtype"], r["access"], r["workers"], r["cache"])
+        groups.setdefault(cell, []).append(statistics.median(e["time_s"] for e in epochs))
+    if not groups:
+        return
+    table = Table(title="Median epoch time (steady state) per combination")
+    for column in ("dataset", "format", "dtype", "access", "workers", "cache", "runs", "epoch s"):
+        table.add_column(
+            column, justify="right" if column in ("runs", "epoch s", "workers") else "left"
+        )
+    for cell, times in sorted(groups.items(), key=lambda kv: (kv[0][0], statistics.median(kv[1]))):
+        table.add_row(*map(str, cell), str(len(times)), f"{statistics.median(times):.3f}")
+    stdout.print(table)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:

@@ -1,0 +1,1 @@
+"""The benchmark: experiment matrices, one process per run, telemetry, resumable results."""

@@ -1,0 +1,215 @@
+"""One benchmark run, in a process of its own: `python -m loadbench.bench.worker SPEC RESULT`.
+
+A fresh interpreter per run means no page-cache mappings, allocator state, compiled kernels or
+open handles carry over from one run to the next. The result is written atomically to RESULT;
+a failure is written as a failed record with the error, and a process that is killed writes
+nothing (the runner records that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from datetime import datetime
+from typing import Any
+
+SCHEMA = 1
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def base_record(spec: dict[str, Any]) -> dict[str, Any]:
+    s = spec["settings"]
+    return {
+        "schema": SCHEMA,
+        "key": spec["key"],
+        "status": "running",
+        "experiment": spec["experiment"]["name"],
+        "dataset": spec["cell"]["dataset"]["name"] or spec["cell"]["dataset"]["source"],
+        "source": s["dataset"]["source"],
+        "format": s["format"],
+        "dtype": s["dtype"],
+        "access": s["access"],
+        "workers": s["workers"],
+        "cache": s["cache"],
+        "mode": s["mode"],
+        "batch_size": s["batch_size"],
+        "epochs_planned": s["epochs"],
+        "repeat": spec["repeat"],
+        "seed": spec["seed"],
+        "settings": s,
+        "store_path": spec["store_path"],
+        "store": spec.get("store", {}),
+        "started": now(),
+        "pid": os.getpid(),
+    }
+
+
+def execute(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one spec; returns the finished record (raises on failure)."""
+    import torch
+
+    from loadbench.bench.pagecache import evict
+    from loadbench.bench.telemetry import Sampler
+    from loadbench.training.loop import resolve_device
+
+    s = spec["settings"]
+    record = base_record(spec)
+    if s["cache"] == "cold":
+        record["eviction"] = evict(spec["store_path"])
+    device = resolve_device(s["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    period = spec["experiment"]["sample_period_s"]
+    started = time.perf_counter()
+    with Sampler(period) as sampler:
+        if s["mode"] == "train":
+            _train(spec, record, sampler, device, started)
+        else:
+            _loader_only(spec, record, sampler, device, started)
+    record["total_time_s"] = time.perf_counter() - started
+    if device.type == "cuda":
+        record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    record["sampler"] = _sampler_cost(record["epochs"], period)
+    record["device"] = str(device)
+    record["status"] = "ok"
+    record["finished"] = now()
+    return record
+
+
+def _sampler_cost(epochs: list[dict[str, Any]], period: float) -> dict[str, Any]:
+    busy = sum(e.get("sampler_busy_s") or 0 for e in epochs)
+    wall = sum(e.get("window_s") or 0 for e in epochs)
+    return {"period_s": period, "busy_s": busy, "fraction_of_epochs": busy / wall if wall else None}
+
+
+def _train(spec, record, sampler, device, started) -> None:
+    from loadbench.store import open_store
+    from loadbench.training.config import TrainConfig
+    from loadbench.training.loop import Run
+    from loadbench.training.metrics import classification_report
+
+    s = spec["settings"]
+    store = open_store(spec["store_path"], device=str(device))
+    config = TrainConfig(
+        data=spec["store_path"], access=s["access"], workers=s["workers"],
+        batch_size=s["batch_size"], pin_memory=s["pin_memory"], epochs=s["epochs"],
+        seed=spec["seed"], device=s["device"], **s["train"],
+    )  # fmt: skip
+    record["epochs"] = []
+
+    def on_epoch(epoch_record: dict[str, Any]) -> None:
+        record["epochs"].append({**epoch_record, **sampler.window()})
+
+    run = Run(config, store, out_dir=None, callbacks=(on_epoch,))
+    run.maybe_compile()
+    record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
+    record["plan"] = run.plan.note
+    run.fit()
+    loss, predicted, targets = run.predict(run.eval_batches)
+    report = classification_report(targets, predicted, run.classes)
+    record["final"] = {
+        "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
+        "f1_macro": report["f1_macro"], "compile_time_s": run.compile_time_s,
+    }  # fmt: skip
+    first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
+    record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+
+
+def _loader_only(spec, record, sampler, device, started) -> None:
+    """Iterate the training loader and move batches to the device, with no model: the ceiling
+    of a format and access mode."""
+    import torch
+
+    from loadbench.store import open_store
+    from loadbench.training.data import EpochOrder, labels_of, make_batches, plan_splits
+
+    s = spec["settings"]
+    store = open_store(spec["store_path"], device=str(device))
+    plan = plan_splits(store, seed=spec["seed"])
+    order = EpochOrder(plan.train_indices, labels_of(store, "train")[plan.train_indices],
+                       spec["seed"], shuffle=True)  # fmt: skip
+    pin = s["pin_memory"] if s["pin_memory"] is not None else device.type == "cuda"
+    batches = make_batches(
+        store, "train", order, access=s["access"], batch_size=s["batch_size"],
+        workers=s["workers"], pin_memory=pin and s["access"] != "device", device=device,
+        augmenter=None,
+    )  # fmt: skip
+    record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
+    record["epochs"] = []
+    for epoch in range(1, s["epochs"] + 1):
+        order.set_epoch(epoch)
+        t0 = time.perf_counter()
+        first, images_seen = None, 0
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if first is None:
+                first = time.perf_counter() - t0
+            images_seen += len(labels)
+        elapsed = time.perf_counter() - t0
+        record["epochs"].append({
+            "epoch": epoch, "time_s": elapsed, "data_wait_s": elapsed, "compute_s": 0.0,
+            "images_per_s": images_seen / elapsed if elapsed else 0.0,
+            "first_batch_s": first or 0.0, **sampler.window(),
+        })  # fmt: skip
+    first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
+    record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(clean(data), f, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean(value: Any) -> Any:
+    """Strict JSON: NumPy scalars as numbers, NaN and infinities as null."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = argv
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    try:
+        record = execute(spec)
+    except BaseException as e:  # the runner records the failure; the experiment goes on
+        from loadbench.errors import LoadbenchError
+
+        record = base_record(spec)
+        record.update({
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}" if not isinstance(e, LoadbenchError) else str(e),
+            "traceback": traceback.format_exc()[-4000:],
+            "finished": now(),
+        })  # fmt: skip
+        write_json_atomic(result_path, record)
+        return 1
+    write_json_atomic(result_path, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
