@@ -11,16 +11,9 @@ import torch
 import loadbench
 
 COMMANDS = [
-    "sources",
-    "formats",
-    "stats",
-    "convert",
-    "verify",
-    "models",
-    "train",
-    "lr-find",
-    "predict",
-]
+    "sources", "formats", "stats", "convert", "verify", "models", "train", "lr-find", "predict",
+    "bench",
+]  # fmt: skip
 
 
 def run(*args, cwd=None):

@@ -79,6 +79,9 @@ class Experiment(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="keys of `loadbench train`")
     timeout_s: float = Field(1800, gt=0, description="a run taking longer is stopped and failed")
     sample_period_s: float = Field(0.2, gt=0, description="telemetry sampling period")
+    fresh_interpreter: bool = Field(
+        False, description="a new Python per run, instead of a fork of a clean template"
+    )
 
     @field_validator("formats")
     @classmethod

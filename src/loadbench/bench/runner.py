@@ -10,6 +10,7 @@ tried again on the next invocation; the report keeps the last record of every ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -116,25 +117,60 @@ def run_experiment(
     stores_dir: str | None = None,
     *,
     python: str = sys.executable,
-    only_plan: bool = False,
 ) -> Outcome:
     """Run every pending run of `experiment` into `results_dir`."""
-    from loadbench.conversion import convert
-    from loadbench.sources import load_source
-
     stores_dir = stores_dir or default_stores_dir()
     results_dir = os.path.abspath(results_dir)
     outcome = Outcome()
     cells = expand(experiment)
     outcome.not_run = [(c.label, c.skip) for c in cells if c.skip]
     runs = plan_runs(experiment, cells)
-    if only_plan:
-        return outcome
     prepare_results(results_dir, experiment, stores_dir)
     done = {r["key"] for r in read_runs(results_dir) if r.get("status") == "ok"}
     pending = [r for r in runs if r.key not in done]
     outcome.skipped_done = len(runs) - len(pending)
-    stores: dict[tuple, dict[str, Any]] = {}  # (dataset, format, dtype) -> store info or error
+    if not pending:
+        return outcome
+    stores = convert_stores(experiment, pending, stores_dir)
+    processes = launcher(experiment, python)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="loadbench-runs-") as scratch,
+            progress.task(f"bench {experiment.name}", len(pending)) as advance,
+        ):
+            for number, spec in enumerate(pending, 1):
+                store = stores[(spec.cell.dataset.source, spec.cell.format, spec.cell.dtype)]
+                too_big = _device_too_small(spec, store)
+                if too_big:
+                    if spec.repeat == 0:
+                        outcome.not_run.append((spec.cell.label, too_big))
+                    advance(1)
+                    continue
+                label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
+                progress.console.print(f"[dim]{label}[/dim]", highlight=False)
+                record = _one_run(spec, store, scratch, processes)
+                append_run(results_dir, record)
+                if record["status"] == "ok":
+                    outcome.ok += 1
+                else:
+                    outcome.failed += 1
+                    outcome.failures.append((label, record.get("error", "?")))
+                    progress.console.print(f"[red]failed:[/red] {record.get('error')}")
+                advance(1)
+    finally:
+        processes.close()
+    return outcome
+
+
+def convert_stores(
+    experiment: Experiment, pending: list[RunSpec], stores_dir: str
+) -> dict[tuple, dict[str, Any]]:
+    """The store of every (dataset, format, dtype) the pending runs need, converted when missing
+    (an identical store is reused). A conversion that fails becomes an error its runs record."""
+    from loadbench.conversion import convert
+    from loadbench.sources import load_source
+
+    stores: dict[tuple, dict[str, Any]] = {}
     sources: dict[str, Any] = {}
     for spec in pending:
         cell = spec.cell
@@ -162,30 +198,7 @@ def run_experiment(
             stores[key] = {"error": f"conversion failed: {e}"}
         except OSError as e:
             stores[key] = {"error": f"conversion failed: {type(e).__name__}: {e}"}
-    with (
-        tempfile.TemporaryDirectory(prefix="loadbench-runs-") as scratch,
-        progress.task(f"bench {experiment.name}", len(pending)) as advance,
-    ):
-        for number, spec in enumerate(pending, 1):
-            store = stores[(spec.cell.dataset.source, spec.cell.format, spec.cell.dtype)]
-            label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
-            too_big = _device_too_small(spec, store)
-            if too_big:
-                if spec.repeat == 0:
-                    outcome.not_run.append((spec.cell.label, too_big))
-                advance(1)
-                continue
-            progress.console.print(f"[dim]{label}[/dim]", highlight=False)
-            record = _one_run(spec, store, scratch, python)
-            append_run(results_dir, record)
-            if record["status"] == "ok":
-                outcome.ok += 1
-            else:
-                outcome.failed += 1
-                outcome.failures.append((label, record.get("error", "?")))
-                progress.console.print(f"[red]failed:[/red] {record.get('error')}")
-            advance(1)
-    return outcome
+    return stores
 
 
 def _device_too_small(spec: RunSpec, store: dict[str, Any]) -> str | None:
@@ -216,7 +229,88 @@ def _device_too_small(spec: RunSpec, store: dict[str, Any]) -> str | None:
     return None
 
 
-def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, python: str) -> dict[str, Any]:
+class FreshInterpreters:
+    """Each run in a new `python -m loadbench.bench.worker` (pays the imports every time)."""
+
+    def __init__(self, python: str):
+        self.python = python
+
+    def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
+        """Exit code (negative: killed by that signal), or None after a timeout."""
+        command = [self.python, "-m", "loadbench.bench.worker", spec_file, result_file]
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                return process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid)
+                process.wait()
+                return None
+
+    def close(self) -> None:
+        pass
+
+
+class Template:
+    """Runs forked from a template process that has imported everything once (zygote.py)."""
+
+    def __init__(self, python: str):
+        self.process = subprocess.Popen(
+            [python, "-m", "loadbench.bench.zygote"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        if self._read(timeout=300).get("ready") is not True:
+            raise LoadbenchError("the benchmark's template process did not start")
+
+    def _read(self, timeout: float | None) -> dict[str, Any]:
+        import select
+
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError
+        line = self.process.stdout.readline()
+        if not line:
+            raise LoadbenchError("the benchmark's template process died")
+        return json.loads(line)
+
+    def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
+        request = {"spec": spec_file, "result": result_file, "log": log_file}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = self._read(timeout=60)["pid"]
+        try:
+            status = self._read(timeout=timeout)["status"]
+        except TimeoutError:
+            _kill_group(pid)
+            self._read(timeout=60)
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _kill_group(pid: int) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def launcher(experiment: Experiment, python: str):
+    if experiment.fresh_interpreter or not hasattr(os, "fork"):
+        return FreshInterpreters(python)
+    return Template(python)
+
+
+def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> dict[str, Any]:
     if "error" in store:
         record = base_record(spec.to_json())
         record.update({"status": "failed", "error": store["error"], "finished": now()})
@@ -225,18 +319,13 @@ def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, python: str) ->
     payload = {**spec.to_json(), "store": store["info"]}
     spec_file = os.path.join(scratch, f"{spec.key}.json")
     result_file = os.path.join(scratch, f"{spec.key}.result.json")
+    log_file = os.path.join(scratch, f"{spec.key}.log")
     with open(spec_file, "w", encoding="utf-8") as f:
         json.dump(clean(payload), f)
     started = time.perf_counter()
-    command = [python, "-m", "loadbench.bench.worker", spec_file, result_file]
-    try:
-        proc = subprocess.run(
-            command, capture_output=True, text=True, timeout=spec.experiment.timeout_s
-        )
-        returncode, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as e:  # the child is killed; its stderr may be bytes
-        returncode = None
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+    returncode = processes.run(spec_file, result_file, log_file, spec.experiment.timeout_s)
+    with open(log_file, encoding="utf-8", errors="replace") as f:
+        stderr = f.read()[-4000:]
     if os.path.isfile(result_file):
         with open(result_file, encoding="utf-8") as f:
             record = json.load(f)
