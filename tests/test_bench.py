@@ -238,3 +238,14 @@ def test_eviction_drops_a_store_from_the_page_cache(tmp_path):
 def test_experiment_model_rejects_an_empty_matrix():
     with pytest.raises(Exception, match="datasets"):
         Experiment.model_validate({"datasets": []})
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_run_over_its_time_limit_is_stopped_and_recorded(tmp_path, fresh):
+    path = experiment(tmp_path, formats=["npy", "lmdb"], epochs=1000, timeout_s=1.5,
+                      fresh_interpreter=fresh)  # fmt: skip
+    outcome = run_experiment(load_experiment(path), tmp_path / "r", tmp_path / "stores")
+    assert (outcome.ok, outcome.failed) == (0, 2)  # the second run still ran after the first
+    records = read_runs(tmp_path / "r")
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert all("timed out after 1.5 s" in r["error"] for r in records)

@@ -237,17 +237,23 @@ class FreshInterpreters:
 
     def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
         """Exit code (negative: killed by that signal), or None after a timeout."""
+        from loadbench.bench.zygote import die_with_parent
+
         command = [self.python, "-m", "loadbench.bench.worker", spec_file, result_file]
         with open(log_file, "wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
             try:
                 return process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(process.pid)
                 process.wait()
                 return None
+            except BaseException:  # Ctrl-C: the run is in its own session and would go on
+                _kill_group(process.pid)
+                raise
 
     def close(self) -> None:
         pass
@@ -286,6 +292,9 @@ class Template:
             _kill_group(pid)
             self._read(timeout=60)
             return None
+        except BaseException:  # Ctrl-C: stop the run too, it is in its own session
+            _kill_group(pid)
+            raise
         return os.waitstatus_to_exitcode(status)
 
     def close(self) -> None:
@@ -295,6 +304,7 @@ class Template:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
 
 
 def _kill_group(pid: int) -> None:

@@ -44,7 +44,20 @@ def preload() -> None:
     del torch
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so that a
+    runner killed with SIGKILL does not leave a run computing on its own. A no-op elsewhere."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def serve() -> None:
+    die_with_parent()
     preload()
     reply({"ready": True})
     for line in sys.stdin:
@@ -59,6 +72,7 @@ def serve() -> None:
 
 def child(request: dict) -> None:
     os.setsid()  # its own process group: a timeout kills the run and its DataLoader workers
+    die_with_parent()
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
