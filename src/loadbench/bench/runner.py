@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -357,11 +356,3 @@ def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> d
         })  # fmt: skip
     record["wall_s"] = time.perf_counter() - started
     return record
-
-
-def clear_results(results_dir: str) -> None:
-    """Remove a results directory (used by --fresh)."""
-    if os.path.isfile(os.path.join(results_dir, "bench.json")):
-        shutil.rmtree(results_dir)
-    elif os.path.exists(results_dir):
-        raise LoadbenchError(f"{results_dir} is not a results directory; not removing it")

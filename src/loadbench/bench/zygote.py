@@ -78,6 +78,12 @@ def child(request: dict) -> None:
     os.dup2(log, 2)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    from rich.console import Console
+
+    from loadbench import progress
+
+    # The template's console was made for the runner's terminal; the run writes to its log.
+    progress.console = Console(stderr=True, width=160)
     code = 1
     try:
         from loadbench.bench.worker import main
