@@ -115,7 +115,7 @@ def test_failures_are_recorded_and_the_matrix_goes_on(tmp_path):
     records = read_runs(tmp_path / "results")
     by_dataset = {r["dataset"]: r for r in records}
     assert by_dataset["tiny"]["status"] == "ok"
-    failed = by_dataset["cifar10:/no/such/cifar"]
+    failed = by_dataset["cifar10:cifar"]  # the label: kind and the last part of the path
     assert failed["status"] == "failed" and "/no/such/cifar does not exist" in failed["error"]
     assert "Traceback" not in result.stderr
 

@@ -744,7 +744,7 @@ def bench(
 
     from loadbench import progress
     from loadbench.bench.experiment import expand, load_experiment, plan_runs
-    from loadbench.bench.runner import read_runs, run_experiment
+    from loadbench.bench.runner import run_experiment
 
     exp = load_experiment(experiment)
     results = out_dir or os.path.join("results", exp.name)
@@ -768,7 +768,7 @@ def bench(
     for label, why in outcome.not_run:
         if not any(label == c.label for c in skipped):
             stdout.print(f"[yellow]not run:[/yellow] {label}: {why}", highlight=False)
-    _bench_summary(read_runs(results))
+    _print_report(results)
     stdout.print(
         f"{outcome.ok} run(s) done, {outcome.failed} failed, {outcome.skipped_done} already "
         f"done before; results in {results}"
@@ -777,28 +777,61 @@ def bench(
         raise typer.Exit(1)
 
 
-def _bench_summary(records: list[dict]) -> None:
-    """Median steady-state epoch time per combination (the report has the rest)."""
-    import statistics
+def _print_report(results_dir: str, out_dir: str | None = None, formats=("md", "html"),
+                  compare: str | None = None) -> None:  # fmt: skip
+    """Write the report and show its summary table and where it is."""
+    from loadbench.report.render import write_report
 
-    latest = {r["key"]: r for r in records}
-    groups: dict[tuple, list[float]] = {}
-    for r in latest.values():
-        if r.get("status") != "ok" or not r.get("epochs"):
+    report, written = write_report(results_dir, out_dir, formats, compare)
+    for note in report.results.notes:
+        stdout.print(f"[yellow]missing:[/yellow] {note}", highlight=False)
+    for table in (report.summary, report.compare):
+        if table is None:
             continue
-        epochs = r["epochs"][1:] or r["epochs"]  # the first epoch is the cold start
-        cell = (r["dataset"], r["format"], r["dtype"], r["access"], r["workers"], r["cache"])
-        groups.setdefault(cell, []).append(statistics.median(e["time_s"] for e in epochs))
-    if not groups:
-        return
-    table = Table(title="Median epoch time (steady state) per combination")
-    for column in ("dataset", "format", "dtype", "access", "workers", "cache", "runs", "epoch s"):
-        table.add_column(
-            column, justify="right" if column in ("runs", "epoch s", "workers") else "left"
-        )
-    for cell, times in sorted(groups.items(), key=lambda kv: (kv[0][0], statistics.median(kv[1]))):
-        table.add_row(*map(str, cell), str(len(times)), f"{statistics.median(times):.3f}")
-    stdout.print(table)
+        rich_table = Table(title=table.title)
+        for i, column in enumerate(table.columns):
+            rich_table.add_column(column, justify="left" if i == 0 else "right")
+        for row in table.rows:
+            rich_table.add_row(
+                *(
+                    c.replace("**", "") if "**" not in c else f"[bold]{c.strip('*')}[/bold]"
+                    for c in row
+                )
+            )
+        stdout.print(rich_table)
+    if report.failed:
+        stdout.print(f"[red]{len(report.failed.rows)} failed run(s)[/red] are listed in the report")
+    for kind, path in written.items():
+        stdout.print(f"report ({kind}): {path}", highlight=False)
+
+
+def _rich_cell(text: str) -> str:
+    """Markdown bold (the fastest format) as rich markup."""
+    return f"[bold]{text[2:-2]}[/bold]" if text.startswith("**") and text.endswith("**") else text
+
+
+@app.command()
+def report(
+    results_dir: Annotated[str, typer.Argument(help="A results directory of loadbench bench.")],
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Where to write (RESULTS_DIR/report).")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="md, html, or md,html.")] = "md,html",
+    compare: Annotated[
+        str | None, typer.Option(help="Another results directory to put side by side.")
+    ] = None,
+) -> None:
+    """Turn a results directory into report.md and a self-contained report.html.
+
+    Examples:
+      [bold]loadbench report results/default[/bold]
+      [bold]loadbench report results/laptop --compare results/server --out report-both[/bold]
+    """
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    unknown = sorted(set(formats) - {"md", "html"})
+    if unknown or not formats:
+        raise LoadbenchError(f"--format {format!r}: choose md, html or md,html")
+    _print_report(results_dir, out_dir, formats, compare)
 
 
 def main() -> None:

@@ -49,11 +49,12 @@ class Dataset(BaseModel):
     def label(self) -> str:
         if self.name:
             return self.name
-        kind, _, rest = self.source.partition(":")
-        base = os.path.basename(rest.partition("?")[0].rstrip("/")) if rest else ""
-        return (
-            f"{kind}:{base}" if base and kind != "synthetic" else (rest.partition("?")[0] or kind)
-        )
+        kind, _, rest = self.source.partition("?")[0].partition(":")
+        if not rest:
+            return kind  # digits, or synthetic with its default preset
+        if kind == "synthetic":
+            return rest  # the preset
+        return f"{kind}:{os.path.basename(rest.rstrip('/'))}"
 
 
 class Experiment(BaseModel):
@@ -204,12 +205,13 @@ class RunSpec:
             "experiment": self.experiment.model_dump(),
             "cell": {
                 "dataset": self.cell.dataset.model_dump(),
+                "label": self.cell.dataset.label,
                 "format": self.cell.format,
                 "dtype": self.cell.dtype,
                 "access": self.cell.access,
                 "workers": self.cell.workers,
                 "cache": self.cell.cache,
-            },  # fmt: skip
+            },
         }
 
 

@@ -31,7 +31,7 @@ def base_record(spec: dict[str, Any]) -> dict[str, Any]:
         "key": spec["key"],
         "status": "running",
         "experiment": spec["experiment"]["name"],
-        "dataset": spec["cell"]["dataset"]["name"] or spec["cell"]["dataset"]["source"],
+        "dataset": spec["cell"]["label"],
         "source": s["dataset"]["source"],
         "format": s["format"],
         "dtype": s["dtype"],

@@ -57,7 +57,7 @@ def smooth_ema(values: Sequence[float], factor: float) -> list[float]:
     return out
 
 
-def _save_png(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name opened with open() (not mkstemp, whose files are private 0600) so the PNG
@@ -166,7 +166,7 @@ def plot_curves(
     Returns:
         The path written.
     """
-    return _save_png(_curves_figure(history, smooth, title), path)
+    return save_png(_curves_figure(history, smooth, title), path)
 
 
 def _confusion_figure(
@@ -231,7 +231,7 @@ def plot_confusion(
     Returns:
         The path written.
     """
-    return _save_png(_confusion_figure(matrix, classes, normalize, title), path)
+    return save_png(_confusion_figure(matrix, classes, normalize, title), path)
 
 
 def _lr_find_figure(
@@ -305,4 +305,4 @@ def plot_lr_find(
     Returns:
         The path written.
     """
-    return _save_png(_lr_find_figure(lrs, losses, suggestion, smoothed), path)
+    return save_png(_lr_find_figure(lrs, losses, suggestion, smoothed), path)

@@ -1,0 +1,1 @@
+"""Reports: a results directory as tables, plots, findings, Markdown and HTML."""

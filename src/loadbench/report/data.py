@@ -1,0 +1,180 @@
+"""A results directory as tables: one row per run (its latest record) and one per epoch.
+
+Per run, the epochs are reduced to what the study compares: the first epoch (cold start) apart
+from the steady state (the median of the later epochs), the data-stall share, peak memory, mean
+CPU, GPU use, bytes read. What a record lacks (no GPU, an older schema, a failed run) becomes a
+missing value, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from loadbench.bench.runner import RUNS, read_runs
+from loadbench.errors import LoadbenchError
+
+SCHEMA = 1
+CONFIG = ["format", "dtype", "access", "workers"]  # a row of a dataset's table (+ cache)
+
+
+@dataclass
+class Results:
+    path: str
+    runs: pd.DataFrame  # ok runs, latest record per key
+    epochs: pd.DataFrame  # one row per epoch of the ok runs
+    failed: list[dict[str, Any]]  # failed runs (latest record per key)
+    env: dict[str, Any]
+    experiment: dict[str, Any]
+    schema: int | None
+    notes: list[str] = field(default_factory=list)  # what is missing, said in the report
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(self.runs["dataset"])) if len(self.runs) else []
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(len(self.runs)) and self.runs["gpu_util_pct_mean"].notna().any()
+
+
+def _json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def load_results(path: str) -> Results:
+    """Read a results directory written by `loadbench bench`."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    marker = os.path.join(path, "bench.json")
+    if not os.path.isdir(path) or not (
+        os.path.isfile(marker) or os.path.isfile(os.path.join(path, RUNS))
+    ):
+        raise LoadbenchError(
+            f"{path} is not a results directory (no bench.json or runs.jsonl); "
+            "make one with `loadbench bench --out DIR`"
+        )
+    notes = []
+    schema = _json(marker).get("schema")
+    if schema != SCHEMA:
+        notes.append(
+            f"results schema {schema} (this report reads {SCHEMA}): columns it lacks are shown "
+            "as missing"
+        )
+    import yaml
+
+    experiment: dict[str, Any] = {}
+    exp_file = os.path.join(path, "experiment.yaml")
+    if os.path.isfile(exp_file):
+        with open(exp_file, encoding="utf-8") as f:
+            experiment = yaml.safe_load(f) or {}
+    latest: dict[str, dict[str, Any]] = {}
+    for record in read_runs(path):
+        if "key" in record:
+            latest[record["key"]] = record
+    ok = [r for r in latest.values() if r.get("status") == "ok"]
+    failed = [r for r in latest.values() if r.get("status") != "ok"]
+    if not latest:
+        notes.append("no finished run yet: runs.jsonl is empty or missing")
+    elif not ok:
+        notes.append("every recorded run failed: there is nothing to measure")
+    runs = pd.DataFrame([run_row(r) for r in ok], columns=RUN_COLUMNS)
+    epochs = pd.DataFrame(
+        [epoch_row(r, e) for r in ok for e in r.get("epochs") or []], columns=EPOCH_COLUMNS
+    )
+    env = _json(os.path.join(path, "env.json"))
+    if not env:
+        notes.append("env.json is missing: the machine is not described")
+    return Results(path, runs, epochs, failed, env, experiment, schema, notes)
+
+
+RUN_COLUMNS = [
+    "key", "dataset", "format", "dtype", "access", "workers", "cache", "mode", "repeat", "seed",
+    "epochs", "first_epoch_s", "epoch_s", "total_time_s", "time_to_first_batch_s",
+    "images_per_s", "stall_share", "data_wait_s", "compute_s", "peak_rss_bytes", "cpu_pct_mean",
+    "system_cpu_pct_mean", "read_bytes", "gpu_util_pct_mean", "gpu_mem_bytes_max",
+    "cuda_max_allocated_bytes", "store_bytes", "bytes_per_image", "convert_time_s",
+    "final_accuracy", "eviction_effective",
+]  # fmt: skip
+EPOCH_COLUMNS = [
+    "key", "dataset", "format", "dtype", "access", "workers", "cache", "repeat", "epoch",
+    "time_s", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+]  # fmt: skip
+
+
+def _get(d: dict[str, Any], *keys, default=None):
+    for key in keys:
+        if not isinstance(d, dict) or key not in d or d[key] is None:
+            return default
+        d = d[key]
+    return d
+
+
+def _values(epochs: list[dict[str, Any]], key: str) -> list[float]:
+    return [e[key] for e in epochs if e.get(key) is not None]
+
+
+def run_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One run reduced: the first epoch apart, the steady state as the median of the rest."""
+    epochs = r.get("epochs") or []
+    steady = epochs[1:] or epochs
+    times = _values(steady, "time_s")
+    wall = sum(times)
+    images = sum((_get(r, "store", "images") or {}).values()) or None
+    gpu_util = _values(epochs, "gpu_util_pct_mean")
+    gpu_mem = _values(epochs, "gpu_mem_used_bytes_max")
+    return {
+        "key": r.get("key"),
+        "dataset": r.get("dataset"),
+        "format": r.get("format"),
+        "dtype": r.get("dtype"),
+        "access": r.get("access"),
+        "workers": r.get("workers"),
+        "cache": r.get("cache", "warm"),
+        "mode": r.get("mode"),
+        "repeat": r.get("repeat"),
+        "seed": r.get("seed"),
+        "epochs": len(epochs),
+        "first_epoch_s": epochs[0].get("time_s") if epochs else None,
+        "epoch_s": statistics.median(times) if times else None,
+        "total_time_s": r.get("total_time_s"),
+        "time_to_first_batch_s": r.get("time_to_first_batch_s"),
+        "images_per_s": _median(_values(steady, "images_per_s")),
+        "stall_share": sum(_values(steady, "data_wait_s")) / wall if wall else None,
+        "data_wait_s": _median(_values(steady, "data_wait_s")),
+        "compute_s": _median(_values(steady, "compute_s")),
+        "peak_rss_bytes": max(_values(epochs, "peak_rss_bytes"), default=None),
+        "cpu_pct_mean": _median(_values(steady, "cpu_pct_mean")),
+        "system_cpu_pct_mean": _median(_values(steady, "system_cpu_pct_mean")),
+        "read_bytes": sum(_values(epochs, "read_bytes")) if epochs else None,
+        "gpu_util_pct_mean": _median(gpu_util),
+        "gpu_mem_bytes_max": max(gpu_mem, default=None),
+        "cuda_max_allocated_bytes": r.get("cuda_max_allocated_bytes"),
+        "store_bytes": _get(r, "store", "bytes"),
+        "bytes_per_image": (_get(r, "store", "bytes") or 0) / images if images else None,
+        "convert_time_s": _get(r, "store", "convert_time_s"),
+        "final_accuracy": _get(r, "final", "accuracy"),
+        "eviction_effective": _get(r, "eviction", "effective"),
+    }
+
+
+def epoch_row(r: dict[str, Any], e: dict[str, Any]) -> dict[str, Any]:
+    row = {k: r.get(k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
+                                 "cache", "repeat")}  # fmt: skip
+    row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy",
+                                      "val_loss", "val_accuracy")})  # fmt: skip
+    return row
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

@@ -1,0 +1,219 @@
+"""The report's plots. Every format keeps one colour in every plot; a plot that has nothing to
+show (one worker count, one dtype) is not drawn."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from loadbench.formats import FORMAT_NAMES
+from loadbench.report.data import CONFIG, Results
+from loadbench.report.tables import aggregate, config_name
+from loadbench.training.plots import save_png
+
+_PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
+]  # fmt: skip
+FORMAT_COLOURS = dict(zip(FORMAT_NAMES, _PALETTE, strict=False))
+
+
+def colour(fmt: str) -> str:
+    if fmt not in FORMAT_COLOURS:  # peers and future formats: the next free colour, stable
+        FORMAT_COLOURS[fmt] = _PALETTE[len(FORMAT_COLOURS) % len(_PALETTE)]
+    return FORMAT_COLOURS[fmt]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "dataset"
+
+
+def _configs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Configurations of one dataset (warm cache when there is one), fastest first."""
+    if "warm" in set(runs["cache"]):
+        runs = runs[runs["cache"] == "warm"]
+    stats = aggregate(runs, CONFIG).sort_values("epoch_s", na_position="last")
+    stats["name"] = [config_name(r) for _, r in stats.iterrows()]
+    return stats
+
+
+def plot_dataset(results: Results, dataset: str, out_dir: str) -> dict[str, str]:
+    """Every per-dataset plot that has something to show: {kind: path}."""
+    runs = results.runs[results.runs["dataset"] == dataset]
+    if runs.empty:
+        return {}
+    stats = _configs(runs)
+    base = os.path.join(out_dir, _slug(dataset))
+    made = {
+        "epoch time": _epoch_boxes(runs, stats, dataset, f"{base}-epoch-time.png"),
+        "data stall": _stall_bars(stats, dataset, f"{base}-stall.png"),
+        "memory": _memory_bars(stats, dataset, f"{base}-memory.png"),
+    }
+    if runs["workers"].nunique() > 1:
+        made["workers"] = _workers_lines(runs, dataset, f"{base}-workers.png")
+    if runs["dtype"].nunique() > 1:
+        made["dtypes"] = _dtype_bars(runs, dataset, f"{base}-dtypes.png")
+    epochs = results.epochs[results.epochs["dataset"] == dataset]
+    if epochs["val_loss"].notna().any():
+        made["curves"] = _curves(epochs, dataset, f"{base}-curves.png")
+    return {kind: str(path) for kind, path in made.items() if path}
+
+
+def _warm(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["cache"] == "warm"] if "warm" in set(runs["cache"]) else runs
+
+
+def _epoch_boxes(runs, stats, dataset, path):
+    runs = _warm(runs)
+    fig = Figure(figsize=(max(6, 0.6 * len(stats) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    data, labels, colours = [], [], []
+    for _, row in stats.iterrows():
+        mask = np.ones(len(runs), dtype=bool)
+        for key in CONFIG:
+            mask &= (runs[key] == row[key]).to_numpy()
+        values = runs.loc[mask, "epoch_s"].dropna().to_numpy()
+        data.append(values if len(values) else [np.nan])
+        labels.append(row["name"])
+        colours.append(colour(row["format"]))
+    boxes = ax.boxplot(data, patch_artist=True, widths=0.6)
+    for patch, c in zip(boxes["boxes"], colours, strict=True):
+        patch.set_facecolor(c)
+        patch.set_alpha(0.7)
+    for i, values in enumerate(data, 1):  # every repeat, so a box of 2 is not mistaken for 10
+        ax.plot(np.full(len(values), i), values, "k.", markersize=3)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("steady-state epoch time (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{dataset}: epoch time over repeats")
+    ax.grid(axis="y", alpha=0.3)
+    return save_png(fig, path)
+
+
+def _stall_bars(stats, dataset, path):
+    fig = Figure(figsize=(7, 0.35 * len(stats) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(stats))
+    wait = stats["data_wait_s"].fillna(0).to_numpy()
+    compute = stats["compute_s"].fillna(0).to_numpy()
+    colours = [colour(f) for f in stats["format"]]
+    ax.barh(y, wait, color=colours)
+    ax.barh(y, compute, left=wait, color="#cccccc")
+    ax.set_yticks(y, stats["name"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per epoch (median)")
+    ax.set_title(f"{dataset}: data stall vs compute")
+    handles = [
+        Patch(facecolor="#555555", label="waiting for data (in the format's colour)"),
+        Patch(facecolor="#cccccc", label="compute"),
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    return save_png(fig, path)
+
+
+def _memory_bars(stats, dataset, path):
+    gpu = stats["gpu_mem_bytes_max"].notna().any()
+    fig = Figure(figsize=(7 * (2 if gpu else 1), 0.35 * len(stats) + 1.6), layout="constrained")
+    axes = fig.subplots(1, 2 if gpu else 1, squeeze=False)[0]
+    y = np.arange(len(stats))
+    colours = [colour(f) for f in stats["format"]]
+    panels = [("peak_rss_bytes", "peak RSS of the process tree (MiB)")]
+    if gpu:
+        panels.append(("gpu_mem_bytes_max", "peak GPU memory used (MiB)"))
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        ax.barh(y, stats[column].fillna(0).to_numpy() / 2**20, color=colours)
+        ax.set_yticks(y, stats["name"], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    fig.suptitle(f"{dataset}: memory")
+    return save_png(fig, path)
+
+
+def _workers_lines(runs, dataset, path):
+    runs = _warm(runs)
+    stats = aggregate(runs, CONFIG)
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for (fmt, dtype, access), part in stats.groupby(["format", "dtype", "access"]):
+        part = part.sort_values("workers")
+        ax.plot(part["workers"], part["images_per_s"], "o-", color=colour(fmt),
+                label=f"{fmt}/{dtype}/{access}")  # fmt: skip
+    ax.set_xlabel("DataLoader workers")
+    ax.set_ylabel("images/s (steady state)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{dataset}: throughput vs workers")
+    ax.legend(fontsize=7)
+    return save_png(fig, path)
+
+
+def _dtype_bars(runs, dataset, path):
+    stats = aggregate(_warm(runs), ["format", "dtype"])
+    dtypes = [d for d in ("uint8", "float16", "float32") if d in set(stats["dtype"])]
+    formats = list(dict.fromkeys(stats["format"]))
+    fig = Figure(figsize=(max(6, 0.8 * len(formats) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(dtypes)
+    hatches = {"uint8": "", "float16": "//", "float32": "xx"}
+    for i, dtype in enumerate(dtypes):
+        part = stats[stats["dtype"] == dtype].set_index("format")
+        values = [part["epoch_s"].get(f, np.nan) for f in formats]
+        positions = np.arange(len(formats)) + i * width
+        ax.bar(positions, values, width, label=dtype, color=[colour(f) for f in formats],
+               hatch=hatches[dtype], edgecolor="black")  # fmt: skip
+    ax.set_xticks(np.arange(len(formats)) + width * (len(dtypes) - 1) / 2, formats, rotation=30,
+                  ha="right")  # fmt: skip
+    ax.set_ylabel("steady-state epoch time (s)")
+    ax.set_title(f"{dataset}: uint8 vs float16 vs float32")
+    ax.legend()
+    return save_png(fig, path)
+
+
+def _curves(epochs, dataset, path):
+    """Loss and accuracy per epoch, mean over repeats, one line per format: the format must not
+    change what is learnt."""
+    warm = epochs[epochs["cache"] == "warm"] if "warm" in set(epochs["cache"]) else epochs
+    mean = warm.groupby(["format", "epoch"]).mean(numeric_only=True).reset_index()
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for fmt, part in mean.groupby("format", sort=False):
+        c = colour(fmt)
+        loss_ax.plot(part["epoch"], part["train_loss"], "--", color=c, alpha=0.6)
+        loss_ax.plot(part["epoch"], part["val_loss"], "-", color=c, label=fmt)
+        acc_ax.plot(part["epoch"], part["train_accuracy"], "--", color=c, alpha=0.6)
+        acc_ax.plot(part["epoch"], part["val_accuracy"], "-", color=c, label=fmt)
+    top = np.nanmax(mean[["train_loss", "val_loss"]].to_numpy()) if len(mean) else 1.0
+    loss_ax.set_ylim(0, (top if np.isfinite(top) else 1.0) * 1.05)
+    acc_ax.set_ylim(0, 1)
+    for ax, what in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7, title="solid: test/val, dashed: train", title_fontsize=7)
+    fig.suptitle(f"{dataset}: training curves per format (mean over repeats)")
+    return save_png(fig, path)
+
+
+def plot_storage(results: Results, out_dir: str) -> str | None:
+    """Bytes on disk per image, per format (and dtype), one panel per dataset."""
+    runs = results.runs.dropna(subset=["bytes_per_image"])
+    if runs.empty:
+        return None
+    datasets = list(dict.fromkeys(runs["dataset"]))
+    fig = Figure(figsize=(5 * len(datasets), 4), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, ds in zip(axes, datasets, strict=True):
+        part = runs[runs["dataset"] == ds].groupby(["format", "dtype"], sort=False)
+        sizes = part["bytes_per_image"].first().sort_values()
+        labels = [f"{f}/{d}" for f, d in sizes.index]
+        ax.barh(range(len(sizes)), sizes.to_numpy() / 1024,
+                color=[colour(f) for f, _ in sizes.index])  # fmt: skip
+        ax.set_yticks(range(len(sizes)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("KiB per image on disk")
+        ax.set_title(ds)
+    fig.suptitle("storage size")
+    return str(save_png(fig, os.path.join(out_dir, "storage.png")))

@@ -1,0 +1,272 @@
+"""`loadbench report`: a results directory as `report.md` (images linked) and `report.html` (one
+self-contained file, images embedded), with the environment, the experiment, the findings,
+the summary and per-dataset tables and plots, and the failed runs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import yaml
+
+from loadbench.report.data import CONFIG, Results, load_results
+from loadbench.report.findings import findings
+from loadbench.report.plots import plot_dataset, plot_storage
+from loadbench.report.tables import Table, aggregate, dataset_table, summary_table
+
+
+@dataclass
+class Section:
+    title: str
+    table: Table | None = None
+    images: dict[str, str] = field(default_factory=dict)  # caption -> path
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    title: str
+    results: Results
+    summary: Table | None
+    findings: list[str]
+    sections: list[Section]
+    failed: Table | None
+    compare: Table | None = None
+    other: Results | None = None
+
+
+def build(results: Results, out_dir: str, other: Results | None = None) -> Report:
+    plots_dir = os.path.join(out_dir, "plots")
+    has_runs = len(results.runs) > 0
+    sections = []
+    for ds in results.datasets:
+        images = plot_dataset(results, ds, plots_dir)
+        sections.append(Section(ds, dataset_table(results, ds), images))
+    storage = plot_storage(results, plots_dir) if has_runs else None
+    if storage:
+        sections.append(Section("Storage size", None, {"bytes per image on disk": storage}))
+    return Report(
+        title=f"loadbench report: {results.experiment.get('name', os.path.basename(results.path))}",
+        results=results,
+        summary=summary_table(results) if has_runs else None,
+        findings=findings(results) if has_runs else [],
+        sections=sections,
+        failed=failed_table(results),
+        compare=compare_table(results, other) if other is not None else None,
+        other=other,
+    )
+
+
+def failed_table(results: Results) -> Table | None:
+    if not results.failed:
+        return None
+    rows = []
+    for r in results.failed:
+        what = f"{r.get('dataset')} {r.get('format')}/{r.get('dtype')}/{r.get('access')}"
+        what += f"/w{r.get('workers')} {r.get('cache', '')} repeat {(r.get('repeat') or 0) + 1}"
+        rows.append([what, str(r.get("error", "?"))[:300]])
+    return Table("Failed runs", ["run", "error"], rows)
+
+
+def compare_table(a: Results, b: Results) -> Table:
+    """Median steady-state epoch time of every (dataset, configuration) both directories ran."""
+
+    def stats(results):
+        runs = results.runs
+        runs = runs[runs["cache"] == "warm"] if "warm" in set(runs["cache"]) else runs
+        return aggregate(runs, ["dataset", *CONFIG]).set_index(["dataset", *CONFIG])
+
+    left, right = stats(a), stats(b)
+    common = left.index.intersection(right.index)
+    rows = []
+    for key in common:
+        ea, eb = left.loc[key, "epoch_s"], right.loc[key, "epoch_s"]
+        ratio = eb / ea if ea and ea == ea and eb == eb else float("nan")
+        ds, fmt, dtype, access, workers = key
+        rows.append([ds, f"{fmt}/{dtype}/{access}/w{int(workers)}", f"{ea:.3f}", f"{eb:.3f}",
+                     f"{ratio:.2f}x" if ratio == ratio else "-"])  # fmt: skip
+    notes = [f"A: {a.path} ({_machine(a)}); B: {b.path} ({_machine(b)}). B/A > 1: B is slower."]
+    if not rows:
+        notes.append("The two directories have no configuration in common.")
+    return Table("Comparison: median epoch time (s)", ["dataset", "configuration", "A", "B",
+                 "B / A"], rows, notes)  # fmt: skip
+
+
+def _machine(results: Results) -> str:
+    env = results.env
+    if not env:
+        return "machine unknown"
+    gpus = ", ".join(g["name"] for g in env.get("gpus") or []) or "no GPU"
+    return f"{env.get('cpu', '?')}, {env.get('cores_logical', '?')} cores, {gpus}"
+
+
+def _environment_lines(results: Results) -> list[str]:
+    env = results.env
+    if not env:
+        return ["The environment was not recorded (env.json is missing)."]
+    gpus = ", ".join(
+        f"{g['name']} ({g['memory_bytes'] / 2**30:.0f} GiB)" for g in env.get("gpus") or []
+    )
+    fs = env.get("stores_filesystem") or {}
+    return [
+        f"CPU: {env.get('cpu')} ({env.get('cores_logical')} logical cores, "
+        f"{env.get('torch_threads')} torch threads); RAM {env.get('ram_bytes', 0) / 2**30:.1f} GiB",
+        f"GPU: {gpus or 'none'}",
+        f"Software: loadbench {env.get('loadbench')} (commit {str(env.get('git_commit'))[:10]}), "
+        f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+        f"{env.get('os')}",
+        f"Stores on: {fs.get('type', '?')} ({fs.get('device', '?')} at "
+        f"{fs.get('mountpoint', '?')})",
+    ]
+
+
+def _overview(report: Report) -> list[str]:
+    r = report.results
+    exp = r.experiment
+    repeats = r.runs.groupby(["dataset", *CONFIG, "cache"]).size() if len(r.runs) else []
+    lines = [
+        f"Results: {r.path}; generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.",
+        f"{len(r.runs)} finished run(s), {len(r.failed)} failed; repeats per configuration: "
+        + (f"{min(repeats)}-{max(repeats)}" if len(repeats) else "none")
+        + (f" (the experiment asked for {exp['repeats']})" if exp.get("repeats") else "")
+        + f"; mode {exp.get('mode', '?')}, {exp.get('epochs', '?')} epoch(s) per run.",
+    ]
+    return lines
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+
+
+def _md_table(table: Table) -> list[str]:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in table.columns) + " |",
+             "|" + "|".join("---" for _ in table.columns) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table.rows]
+    lines += [""] + [f"*{note}*" for note in table.notes]
+    return lines
+
+
+def to_markdown(report: Report, out_dir: str) -> str:
+    r = report.results
+    lines = [f"# {report.title}", ""]
+    lines += _overview(report) + [""]
+    lines += [f"> **Missing:** {note}" for note in r.notes] + ([""] if r.notes else [])
+    lines += ["## Environment", ""] + [f"- {line}" for line in _environment_lines(r)] + [""]
+    if report.findings:
+        lines += ["## Findings", ""] + [f"- {f}" for f in report.findings] + [""]
+    if report.summary:
+        lines += [f"## {report.summary.title}", ""] + _md_table(report.summary) + [""]
+    if report.compare:
+        lines += [f"## {report.compare.title}", ""] + _md_table(report.compare) + [""]
+    for section in report.sections:
+        lines += [f"## {section.title}", ""]
+        if section.table:
+            lines += _md_table(section.table) + [""]
+        for caption, path in section.images.items():
+            lines += [f"![{caption}]({os.path.relpath(path, out_dir)})", ""]
+    if report.failed:
+        lines += [f"## {report.failed.title}", ""] + _md_table(report.failed) + [""]
+    lines += ["## Experiment", "", "```yaml", yaml.safe_dump(r.experiment, sort_keys=False).strip(),
+              "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+# -- HTML ----------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f2f2f2; }
+td:nth-child(2), th:nth-child(2) { text-align: left; }
+tr:first-child td { background: #f6fff0; }
+.note { color: #555; font-size: 0.85em; margin: 0.2em 0; }
+.missing { background: #fff6e0; padding: 0.5em; border-left: 4px solid #e0a000; }
+img { max-width: 100%; margin: 0.5em 0; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+"""
+
+
+def _html_cell(text: str) -> str:
+    escaped = html.escape(str(text))
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+
+
+def _html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in table.rows
+    )
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.notes)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
+
+
+def _embedded(path: str, caption: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    return f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+
+
+def to_html(report: Report) -> str:
+    r = report.results
+    parts = [f"<h1>{html.escape(report.title)}</h1>"]
+    parts += [f"<p>{html.escape(line)}</p>" for line in _overview(report)]
+    parts += [f'<p class="missing"><b>Missing:</b> {html.escape(n)}</p>' for n in r.notes]
+    parts.append("<h2>Environment</h2><ul>")
+    parts += [f"<li>{html.escape(line)}</li>" for line in _environment_lines(r)]
+    parts.append("</ul>")
+    if report.findings:
+        parts.append("<h2>Findings</h2><ul>")
+        parts += [f"<li>{html.escape(f)}</li>" for f in report.findings]
+        parts.append("</ul>")
+    for table in (report.summary, report.compare):
+        if table:
+            parts.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table)}")
+    for section in report.sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.table:
+            parts.append(_html_table(section.table))
+        parts += [_embedded(path, caption) for caption, path in section.images.items()]
+    if report.failed:
+        parts.append(f"<h2>{html.escape(report.failed.title)}</h2>{_html_table(report.failed)}")
+    experiment = yaml.safe_dump(r.experiment, sort_keys=False)
+    parts.append(f"<h2>Experiment</h2><pre>{html.escape(experiment)}</pre>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(report.title)}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>\n"
+    )
+
+
+def write_report(
+    results_dir: str,
+    out_dir: str | None = None,
+    formats: tuple[str, ...] = ("md", "html"),
+    compare: str | None = None,
+) -> tuple[Report, dict[str, str]]:
+    """Build the report of `results_dir` into `out_dir` (default RESULTS_DIR/report)."""
+    results = load_results(results_dir)
+    other = load_results(compare) if compare else None
+    out_dir = os.path.abspath(out_dir or os.path.join(results.path, "report"))
+    os.makedirs(out_dir, exist_ok=True)
+    report = build(results, out_dir, other)
+    written = {}
+    if "md" in formats:
+        written["md"] = _write(os.path.join(out_dir, "report.md"), to_markdown(report, out_dir))
+    if "html" in formats:
+        written["html"] = _write(os.path.join(out_dir, "report.html"), to_html(report))
+    return report, written
+
+
+def _write(path: str, text: str) -> str:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,191 @@
+"""The report's tables: one per dataset (configurations x measures) and the headline
+"formats x datasets" summary, as numbers (`pandas`) and as text cells ready to render."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from loadbench.report.data import CONFIG, Results
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    numbers: pd.DataFrame | None = None  # the values behind the cells
+
+
+def config_name(row) -> str:
+    return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}"
+
+
+def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Medians (and the epoch-time IQR) over the repeats of every configuration."""
+    grouped = runs.groupby(by, sort=False, dropna=False)
+    out = grouped.agg(
+        repeats=("key", "count"),
+        epoch_s=("epoch_s", "median"),
+        epoch_q25=("epoch_s", lambda s: s.quantile(0.25)),
+        epoch_q75=("epoch_s", lambda s: s.quantile(0.75)),
+        first_epoch_s=("first_epoch_s", "median"),
+        total_time_s=("total_time_s", "median"),
+        images_per_s=("images_per_s", "median"),
+        stall_share=("stall_share", "median"),
+        data_wait_s=("data_wait_s", "median"),
+        compute_s=("compute_s", "median"),
+        peak_rss_bytes=("peak_rss_bytes", "median"),
+        cpu_pct_mean=("cpu_pct_mean", "median"),
+        gpu_util_pct_mean=("gpu_util_pct_mean", "median"),
+        gpu_mem_bytes_max=("gpu_mem_bytes_max", "max"),
+        cuda_max_allocated_bytes=("cuda_max_allocated_bytes", "max"),
+        store_bytes=("store_bytes", "first"),
+        bytes_per_image=("bytes_per_image", "first"),
+        convert_time_s=("convert_time_s", "first"),
+        final_accuracy=("final_accuracy", "median"),
+    )
+    return out.reset_index()
+
+
+def dataset_table(results: Results, dataset: str) -> Table:
+    runs = results.runs[results.runs["dataset"] == dataset]
+    caches = [c for c in ("warm", "cold") if c in set(runs["cache"])]
+    stats = aggregate(runs, [*CONFIG, "cache"])
+    main = caches[0]
+    table = stats[stats["cache"] == main].drop(columns="cache").set_index(CONFIG)
+    if len(caches) == 2:  # warm and cold side by side
+        cold = stats[stats["cache"] == "cold"].set_index(CONFIG)
+        table["cold_epoch_s"] = cold["epoch_s"]
+        table["cold_first_epoch_s"] = cold["first_epoch_s"]
+    table = table.reset_index().sort_values("epoch_s", na_position="last").reset_index(drop=True)
+    fastest = table["epoch_s"].min()
+    table["ratio"] = table["epoch_s"] / fastest if fastest and fastest > 0 else np.nan
+    gpu = table["gpu_util_pct_mean"].notna().any()
+    headers = ["", "configuration", "repeats", f"epoch s ({main}, median [IQR])", "x fastest"]
+    if len(caches) == 2:
+        headers += ["epoch s (cold)"]
+    headers += ["1st epoch s", "total s", "img/s", "data stall", "peak RSS", "CPU %"]
+    if gpu:
+        headers += ["GPU %", "GPU mem"]
+    headers += ["store", "bytes/img", "convert s", "accuracy"]
+    rows = []
+    for i, r in table.iterrows():
+        cells = [
+            "★" if i == 0 and not _nan(r["epoch_s"]) else "",
+            config_name(r),
+            str(int(r["repeats"])),
+            f"{_num(r['epoch_s'])} [{_num(r['epoch_q25'])}-{_num(r['epoch_q75'])}]",
+            f"{r['ratio']:.2f}x" if not _nan(r["ratio"]) else "-",
+        ]
+        if len(caches) == 2:
+            cells.append(_num(r["cold_epoch_s"]))
+        cells += [
+            _num(r["first_epoch_s"]), _num(r["total_time_s"]), _count(r["images_per_s"]),
+            _pct(r["stall_share"]), _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"]),
+        ]  # fmt: skip
+        if gpu:
+            cells += [_count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])]
+        cells += [
+            _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
+            _num(r["final_accuracy"], 3),
+        ]  # fmt: skip
+        rows.append(cells)
+    notes = [
+        "Epoch times are the steady state: the median of every epoch after the first, then the "
+        "median (and interquartile range) over repeats. The first epoch (cold start) is apart.",
+        "★ marks the fastest configuration; 'x fastest' is each row's epoch time over it.",
+    ]
+    if not gpu:
+        notes.append("No GPU was used: GPU columns are left out.")
+    return Table(dataset, headers, rows, notes, table)
+
+
+def summary_table(results: Results) -> Table:
+    """The thesis's headline: median steady-state epoch time, formats x datasets.
+
+    Where a format ran in several configurations (dtype, access, workers), its fastest one is
+    shown, named under the time.
+    """
+    datasets = results.datasets
+    runs = results.runs
+    if "warm" in set(runs["cache"]):
+        runs = runs[runs["cache"] == "warm"]
+    stats = aggregate(runs, ["dataset", *CONFIG])
+    formats = list(dict.fromkeys(stats["format"]))
+    several = stats.groupby(["dataset", "format"]).size().max() > 1 if len(stats) else False
+    numbers = pd.DataFrame(index=formats, columns=datasets, dtype=float)
+    rows = []
+    for fmt in formats:
+        cells = [fmt]
+        for ds in datasets:
+            part = stats[(stats["dataset"] == ds) & (stats["format"] == fmt)]
+            part = part.dropna(subset=["epoch_s"])
+            if part.empty:
+                cells.append("-")
+                continue
+            best = part.loc[part["epoch_s"].idxmin()]
+            numbers.loc[fmt, ds] = best["epoch_s"]
+            text = _num(best["epoch_s"])
+            if several:
+                text += f" ({best['dtype']}/{best['access']}/w{int(best['workers'])})"
+            cells.append(text)
+        rows.append(cells)
+    order = numbers.mean(axis=1, skipna=True).sort_values().index if len(numbers) else []
+    rows = sorted(rows, key=lambda row: list(order).index(row[0]))
+    for ds in datasets:  # mark the fastest format of every dataset
+        if numbers[ds].notna().any():
+            best = numbers[ds].idxmin()
+            column = datasets.index(ds) + 1
+            for row in rows:
+                if row[0] == best:
+                    row[column] = f"**{row[column]}**"
+    return Table(
+        "Median epoch time (s), formats x datasets",
+        ["format", *datasets],
+        rows,
+        ["Bold: the fastest format of the dataset. Steady-state epochs, warm cache."],
+        numbers,
+    )
+
+
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value)
+
+
+def _num(value, digits: int | None = None) -> str:
+    if _nan(value):
+        return "-"
+    if digits is not None:
+        return f"{value:.{digits}f}"
+    value = float(value)
+    return (
+        f"{value:.3f}"
+        if abs(value) < 10
+        else f"{value:.1f}"
+        if abs(value) < 1000
+        else f"{value:,.0f}"
+    )
+
+
+def _count(value) -> str:
+    return "-" if _nan(value) else f"{value:,.0f}"
+
+
+def _pct(value) -> str:
+    return "-" if _nan(value) else f"{100 * value:.0f}%"
+
+
+def _bytes(value) -> str:
+    if _nan(value):
+        return "-"
+    value = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
