@@ -148,7 +148,8 @@ def _md_table(table: Table) -> list[str]:
     lines = ["| " + " | ".join(cell(c) for c in table.columns) + " |",
              "|" + "|".join("---" for _ in table.columns) + "|"]  # fmt: skip
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table.rows]
-    lines += [""] + [f"*{note}*" for note in table.notes]
+    for note in table.notes:
+        lines += ["", f"*{note}*"]
     return lines
 
 
