@@ -43,6 +43,13 @@ class Results:
         return bool(len(self.runs)) and self.runs["gpu_util_pct_mean"].notna().any()
 
 
+def warm_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The warm-cache rows when there are any (cold ones are compared apart), else all rows."""
+    if "warm" in set(frame["cache"]):
+        return frame[frame["cache"] == "warm"]
+    return frame
+
+
 def _json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}

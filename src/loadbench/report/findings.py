@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loadbench.report.data import CONFIG, Results
+from loadbench.report.data import CONFIG, Results, warm_only
 from loadbench.report.tables import aggregate, config_name
-
-
-def _warm(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["cache"] == "warm"] if "warm" in set(runs["cache"]) else runs
 
 
 def findings(results: Results) -> list[str]:
@@ -18,7 +14,7 @@ def findings(results: Results) -> list[str]:
     runs = results.runs
     for ds in results.datasets:
         part = runs[runs["dataset"] == ds]
-        stats = aggregate(_warm(part), CONFIG).dropna(subset=["epoch_s"])
+        stats = aggregate(warm_only(part), CONFIG).dropna(subset=["epoch_s"])
         if len(stats) >= 2:
             fast = stats.loc[stats["epoch_s"].idxmin()]
             slow = stats.loc[stats["epoch_s"].idxmax()]
@@ -95,7 +91,7 @@ def _cold(part: pd.DataFrame, ds: str) -> list[str]:
 def _dtypes(runs: pd.DataFrame) -> list[str]:
     if runs["dtype"].nunique() < 2 or "uint8" not in set(runs["dtype"]):
         return []
-    stats = aggregate(_warm(runs), ["dataset", "format", "access", "workers", "dtype"])
+    stats = aggregate(warm_only(runs), ["dataset", "format", "access", "workers", "dtype"])
     table = stats.pivot_table(
         index=["dataset", "format", "access", "workers"], columns="dtype", values="epoch_s"
     )
@@ -114,7 +110,7 @@ def _dtypes(runs: pd.DataFrame) -> list[str]:
 def _workers(runs: pd.DataFrame) -> list[str]:
     if runs["workers"].nunique() < 2:
         return []
-    stats = aggregate(_warm(runs), ["dataset", "format", "dtype", "access", "workers"])
+    stats = aggregate(warm_only(runs), ["dataset", "format", "dtype", "access", "workers"])
     out = []
     for (ds, fmt, dtype, access), part in stats.groupby(["dataset", "format", "dtype", "access"]):
         part = part.dropna(subset=["images_per_s"]).sort_values("workers")

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from loadbench.formats import FORMAT_NAMES
-from loadbench.report.data import CONFIG, Results
+from loadbench.report.data import CONFIG, Results, warm_only
 from loadbench.report.tables import aggregate, config_name
 from loadbench.training.plots import save_png
 
@@ -34,9 +34,7 @@ def _slug(text: str) -> str:
 
 def _configs(runs: pd.DataFrame) -> pd.DataFrame:
     """Configurations of one dataset (warm cache when there is one), fastest first."""
-    if "warm" in set(runs["cache"]):
-        runs = runs[runs["cache"] == "warm"]
-    stats = aggregate(runs, CONFIG).sort_values("epoch_s", na_position="last")
+    stats = aggregate(warm_only(runs), CONFIG).sort_values("epoch_s", na_position="last")
     stats["name"] = [config_name(r) for _, r in stats.iterrows()]
     return stats
 
@@ -63,12 +61,8 @@ def plot_dataset(results: Results, dataset: str, out_dir: str) -> dict[str, str]
     return {kind: str(path) for kind, path in made.items() if path}
 
 
-def _warm(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["cache"] == "warm"] if "warm" in set(runs["cache"]) else runs
-
-
 def _epoch_boxes(runs, stats, dataset, path):
-    runs = _warm(runs)
+    runs = warm_only(runs)
     fig = Figure(figsize=(max(6, 0.6 * len(stats) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     data, labels, colours = [], [], []
@@ -134,7 +128,7 @@ def _memory_bars(stats, dataset, path):
 
 
 def _workers_lines(runs, dataset, path):
-    runs = _warm(runs)
+    runs = warm_only(runs)
     stats = aggregate(runs, CONFIG)
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.subplots()
@@ -151,7 +145,7 @@ def _workers_lines(runs, dataset, path):
 
 
 def _dtype_bars(runs, dataset, path):
-    stats = aggregate(_warm(runs), ["format", "dtype"])
+    stats = aggregate(warm_only(runs), ["format", "dtype"])
     dtypes = [d for d in ("uint8", "float16", "float32") if d in set(stats["dtype"])]
     formats = list(dict.fromkeys(stats["format"]))
     fig = Figure(figsize=(max(6, 0.8 * len(formats) + 2), 4), layout="constrained")
@@ -175,8 +169,7 @@ def _dtype_bars(runs, dataset, path):
 def _curves(epochs, dataset, path):
     """Loss and accuracy per epoch, mean over repeats, one line per format: the format must not
     change what is learnt."""
-    warm = epochs[epochs["cache"] == "warm"] if "warm" in set(epochs["cache"]) else epochs
-    mean = warm.groupby(["format", "epoch"]).mean(numeric_only=True).reset_index()
+    mean = warm_only(epochs).groupby(["format", "epoch"]).mean(numeric_only=True).reset_index()
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     for fmt, part in mean.groupby("format", sort=False):

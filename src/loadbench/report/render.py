@@ -13,7 +13,7 @@ from datetime import datetime
 
 import yaml
 
-from loadbench.report.data import CONFIG, Results, load_results
+from loadbench.report.data import CONFIG, Results, load_results, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
 from loadbench.report.tables import Table, aggregate, dataset_table, summary_table
@@ -76,9 +76,9 @@ def compare_table(a: Results, b: Results) -> Table:
     """Median steady-state epoch time of every (dataset, configuration) both directories ran."""
 
     def stats(results):
-        runs = results.runs
-        runs = runs[runs["cache"] == "warm"] if "warm" in set(runs["cache"]) else runs
-        return aggregate(runs, ["dataset", *CONFIG]).set_index(["dataset", *CONFIG])
+        return aggregate(warm_only(results.runs), ["dataset", *CONFIG]).set_index(
+            ["dataset", *CONFIG]
+        )
 
     left, right = stats(a), stats(b)
     common = left.index.intersection(right.index)

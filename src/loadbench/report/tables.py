@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from loadbench.report.data import CONFIG, Results
+from loadbench.report.data import CONFIG, Results, warm_only
 
 
 @dataclass
@@ -112,10 +112,7 @@ def summary_table(results: Results) -> Table:
     shown, named under the time.
     """
     datasets = results.datasets
-    runs = results.runs
-    if "warm" in set(runs["cache"]):
-        runs = runs[runs["cache"] == "warm"]
-    stats = aggregate(runs, ["dataset", *CONFIG])
+    stats = aggregate(warm_only(results.runs), ["dataset", *CONFIG])
     formats = list(dict.fromkeys(stats["format"]))
     several = stats.groupby(["dataset", "format"]).size().max() > 1 if len(stats) else False
     numbers = pd.DataFrame(index=formats, columns=datasets, dtype=float)
