@@ -79,8 +79,13 @@ def plan_splits(
 
 
 def labels_of(store: Store, split: str) -> np.ndarray:
-    """All labels of a split (most formats keep them apart: no image is read)."""
-    return store.raw(split).labels()
+    """All labels of a split, read once per store (most formats keep them apart from the
+    images; LMDB must read every record, so the split plan, the run and k-fold share one read).
+    Treat the array as read-only."""
+    cache = store.__dict__.setdefault("_labels", {})
+    if split not in cache:
+        cache[split] = store.raw(split).labels()
+    return cache[split]
 
 
 def channel_stats(store: Store, split: str, indices: np.ndarray) -> tuple[list[float], list[float]]:
