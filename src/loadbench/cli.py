@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadbench.errors import LoadbenchError
+from loadbench.progress import make_console
 
 app = typer.Typer(
     name="loadbench",
@@ -25,9 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-stdout = Console()
-if not stdout.is_terminal:  # piped or captured: rich's 80 columns would cut paths in tables
-    stdout = Console(width=160)
+stdout = make_console()
 err = Console(stderr=True)
 _state = {"debug": False}
 

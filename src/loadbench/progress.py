@@ -21,9 +21,16 @@ _enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("loadbench_progr
 _active: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
     "loadbench_progress_active", default=None
 )
-console = Console(stderr=True)
-if not console.is_terminal:  # logs and captured output: keep epoch lines on one line
-    console = Console(stderr=True, width=160)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; 160 columns wide when it writes to a file or pipe, where rich's default
+    80 would cut paths in tables and wrap epoch lines in logs."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
+console = make_console(stderr=True)
 
 
 @contextlib.contextmanager

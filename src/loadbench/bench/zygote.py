@@ -78,12 +78,10 @@ def child(request: dict) -> None:
     os.dup2(log, 2)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    from rich.console import Console
-
     from loadbench import progress
 
     # The template's console was made for the runner's terminal; the run writes to its log.
-    progress.console = Console(stderr=True, width=160)
+    progress.console = progress.make_console(stderr=True)
     code = 1
     try:
         from loadbench.bench.worker import main
