@@ -125,23 +125,34 @@ def sources() -> None:
 
 @app.command()
 def formats() -> None:
-    """List the storage formats, the dtypes each stores, and their options.
+    """List the storage formats and the peer loaders: dtypes, options, and what a peer needs.
+
+    Peer loaders are other projects' libraries (torchvision ImageFolder, webdataset, Hugging
+    Face datasets, litdata) over the same data, benchmarked beside loadbench's formats.
 
     Example: [bold]loadbench formats[/bold]
     """
     from loadbench.formats import list_formats
 
-    table = Table(title="Storage formats")
-    for column in ("format", "dtypes", "what", "options (default)"):
-        table.add_column(column)
-    for fmt in list_formats():
-        options = "\n".join(
-            f"--{k.replace('_', '-')} ({o.default if o.default is not None else 'auto'})"
-            + (f": {'|'.join(map(str, o.choices))}" if o.choices and len(o.choices) < 8 else "")
-            for k, o in fmt.options.items()
-        )
-        table.add_row(fmt.name, ", ".join(fmt.dtypes), fmt.summary, options or "-")
-    stdout.print(table)
+    for title, peers in (("Storage formats", False), ("Peer loaders (sample access)", True)):
+        table = Table(title=title)
+        for column in ("format", "dtypes", "what", "options (default)"):
+            table.add_column(column)
+        for fmt in list_formats(peers=True):
+            if fmt.peer != peers:
+                continue
+            options = "\n".join(_option_line(k, o) for k, o in fmt.options.items())
+            what = fmt.summary + (f"\n[red]{fmt.missing()}[/red]" if fmt.missing() else "")
+            table.add_row(fmt.name, ", ".join(fmt.dtypes), what, options or "-")
+        stdout.print(table)
+
+
+def _option_line(key: str, option) -> str:
+    default = option.default if option.default is not None else "auto"
+    line = f"--{key.replace('_', '-')} ({default})"
+    if option.choices and len(option.choices) < 8:
+        line += f": {'|'.join(map(str, option.choices))}"
+    return line
 
 
 @app.command()
@@ -432,6 +443,14 @@ WeightDecay = Annotated[float | None, _opt("L2 weight decay (0; adamw 0.01).", O
 Augment = Annotated[str | None, _opt("Any of flip,crop,rotate,jitter.", DATA_PANEL)]
 Access = Annotated[str | None, _opt("sample|batch|device (sample).", DATA_PANEL)]
 Workers = Annotated[int | None, _opt("DataLoader worker processes (0).", DATA_PANEL)]
+Shuffle = Annotated[
+    str | None,
+    _opt("exact|block: block reads chunk by chunk, less random (exact).", DATA_PANEL),
+]
+ShuffleWindow = Annotated[int | None, _opt("block shuffle: chunks mixed together (8).", DATA_PANEL)]
+ChunkCache = Annotated[
+    int | None, _opt("MiB of decoded chunks cached per process, 0 = off (256).", DATA_PANEL)
+]
 Device = Annotated[str | None, _opt("auto|cpu|cuda (auto: cuda when present).", RUN_PANEL)]
 SeedOpt = Annotated[int | None, _opt("Seeds Python, NumPy and torch (0).", RUN_PANEL)]
 Config = Annotated[str | None, _opt("A YAML file of these options (flags win).", RUN_PANEL)]
@@ -497,6 +516,9 @@ def train(
     ] = None,
     access: Access = None,
     workers: Workers = None,
+    shuffle: Shuffle = None,
+    shuffle_window: ShuffleWindow = None,
+    chunk_cache_mb: ChunkCache = None,
     pin_memory: Annotated[
         bool | None,
         _opt("Pinned host memory (on with CUDA).", DATA_PANEL, "--pin-memory/--no-pin-memory"),
@@ -554,7 +576,9 @@ def train(
         "max_lr": max_lr, "cycle_epochs": cycle_epochs, "restart_epochs": restart_epochs,
         "restart_mult": restart_mult, "augment": augment, "normalize": normalize,
         "balance": balance, "val_ratio": val_ratio, "eval_split": eval_split, "access": access,
-        "workers": workers, "pin_memory": pin_memory, "early_stopping": early_stopping,
+        "workers": workers, "shuffle": shuffle, "shuffle_window": shuffle_window,
+        "chunk_cache_mb": chunk_cache_mb, "pin_memory": pin_memory,
+        "early_stopping": early_stopping,
         "kfold": kfold, "device": device, "amp": amp, "compile": compile, "seed": seed,
         "smooth": smooth, "out": out,
     }  # fmt: skip
@@ -579,13 +603,13 @@ def train(
 def _overfit(cfg) -> None:
     from loadbench.training.loop import Run
 
-    run = Run(cfg)
-    sanity = run.initial_loss()
-    stdout.print(
-        f"loss before training {sanity['initial_loss']:.4f} (ln {len(run.classes)} = "
-        f"{sanity['expected_ln_classes']:.4f})"
-    )
-    result = run.overfit_batch()
+    with Run(cfg) as run:
+        sanity = run.initial_loss()
+        stdout.print(
+            f"loss before training {sanity['initial_loss']:.4f} (ln {len(run.classes)} = "
+            f"{sanity['expected_ln_classes']:.4f})"
+        )
+        result = run.overfit_batch()
     verdict = "[green]learnt[/green]" if result["learnt"] else "[red]not learnt[/red]"
     stdout.print(
         f"one batch of {result['batch_size']}: {verdict} after {result['steps']} steps, "
@@ -648,8 +672,7 @@ def lr_find_command(
         optimizer=optimizer, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         augment=augment, access=access, workers=workers, device=device, seed=seed,
     )  # fmt: skip
-    with progress.enabled():
-        run = Run(cfg)
+    with progress.enabled(), Run(cfg) as run:
         result = lr_find(run, start_lr, end_lr, iterations)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "lr_find.csv"), "w", newline="", encoding="utf-8") as f:

@@ -20,7 +20,7 @@ import numpy as np
 
 from loadbench import progress
 from loadbench.errors import LoadbenchError
-from loadbench.formats import FORMAT_NAMES, SplitLayout, get_format, to_stored
+from loadbench.formats import SplitLayout, expand_names, get_format, to_stored
 from loadbench.sources import Source, load_source
 from loadbench.store import (
     MANIFEST,
@@ -156,6 +156,8 @@ def convert(
     if isinstance(source, str):
         source = load_source(source)
     fmt = get_format(format)
+    if fmt.missing():
+        raise LoadbenchError(fmt.missing())
     options = fmt.resolve_options(dtype, {k: v for k, v in options.items() if v is not None})
     out = os.path.abspath(os.path.expanduser(str(out)))
     identity = store_identity(source, format, dtype, options)
@@ -288,13 +290,9 @@ class Converted:
 
 
 def resolve_formats(spec: str) -> list[str]:
-    """`all`, one name, or a comma-separated list -> format names in canonical order."""
-    if spec.strip() == "all":
-        return list(FORMAT_NAMES)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    for name in names:
-        get_format(name)  # a clear error for an unknown name
-    return names
+    """`all` (loadbench's formats), `peers` (the peer loaders), one name, or a comma-separated
+    list of these -> format names."""
+    return expand_names([n.strip() for n in spec.split(",") if n.strip()])
 
 
 def convert_many(

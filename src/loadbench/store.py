@@ -17,7 +17,7 @@ import torch.utils.data
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
-from loadbench.formats import DTYPES, FORMAT_NAMES, get_format
+from loadbench.formats import ALL_NAMES, DTYPES, get_format
 from loadbench.formats.base import SplitReader, to_tensor
 
 MANIFEST = "manifest.json"
@@ -99,7 +99,7 @@ def read_manifest(path: str) -> Manifest:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
         raise CorruptStoreError(f"{file} is damaged: {where}: {first['msg']}") from None
-    if manifest.format not in FORMAT_NAMES:
+    if manifest.format not in ALL_NAMES:
         raise LoadbenchError(f"{file} names unknown format {manifest.format!r}")
     if manifest.dtype not in DTYPES:
         raise CorruptStoreError(f"{file} names unknown dtype {manifest.dtype!r}")
@@ -150,6 +150,7 @@ class Store:
         self.image_shape: tuple[int, int, int] = tuple(manifest.image_shape)
         self._readers: dict[str, SplitReader] = {}
         self.skipped = False  # set by convert when an identical store already existed
+        self.chunk_cache_bytes: int | None = None  # None: the readers' default
 
     @property
     def splits(self) -> list[str]:
@@ -171,8 +172,12 @@ class Store:
     def new_reader(self, split: str) -> SplitReader:
         """A reader of its own (for a DataLoader), not the one `raw` shares."""
         self._check_split(split)
+        if self.format.missing():
+            raise LoadbenchError(f"cannot read {self.path}: {self.format.missing()}")
         reader = self.format.reader(self.path, self.manifest, split)
         reader.device = self.device
+        if self.chunk_cache_bytes is not None and hasattr(reader, "cache_bytes"):
+            reader.cache_bytes = self.chunk_cache_bytes
         return reader
 
     def dataset(self, split: str, transform=None) -> StoreDataset:
@@ -262,6 +267,7 @@ class MemoryStore(Store):
         self.image_shape = tuple(source.image_shape)
         self._readers = {}
         self.skipped = False
+        self.chunk_cache_bytes = None
 
     def new_reader(self, split: str) -> SplitReader:
         return ArrayReader(*self.arrays[split], split)

@@ -5,10 +5,11 @@ repeats, and the training every run does. Validated with pydantic; expanded into
     datasets:
       - source: cifar10:~/data/cifar-10-python.tar.gz
         limit: 10000
-    formats: [npy, hdf5, zarr, files-jpeg]      # or: all
+    formats: [npy, hdf5, zarr, files-jpeg]      # or: all, peers
     dtypes: [uint8, float16]
     access: [sample, batch]
     workers: [0, 2]
+    shuffle: [exact]                             # and/or block (chunk-aware, opt-in)
     epochs: 3
     repeats: 10
     cache: warm                                  # warm | cold | both
@@ -28,12 +29,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats import DTYPES, FORMAT_NAMES, get_format
+from loadbench.formats import DTYPES, expand_names, get_format
 from loadbench.training.config import TrainConfig, explain
 
 # Matrix keys a run sets itself; they may not appear under `train:`.
 MATRIX_KEYS = {"data", "out", "access", "workers", "batch_size", "pin_memory", "epochs", "seed",
-               "kfold", "resume", "overfit_batch"}  # fmt: skip
+               "kfold", "resume", "overfit_batch", "shuffle", "shuffle_window",
+               "chunk_cache_mb"}  # fmt: skip
 SCHEMA = 1
 
 
@@ -69,6 +71,12 @@ class Experiment(BaseModel):
     format_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     access: list[Literal["sample", "batch", "device"]] = Field(default_factory=lambda: ["sample"])
     workers: list[int] = Field(default_factory=lambda: [0])
+    shuffle: list[Literal["exact", "block"]] = Field(
+        default_factory=lambda: ["exact"],
+        description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
+    )
+    shuffle_window: int = Field(8, ge=1, description="block shuffle: chunks mixed together")
+    chunk_cache_mb: int = Field(256, ge=0, description="decoded-chunk cache per process")
     batch_size: int = Field(64, gt=0)
     pin_memory: bool | None = None
     epochs: int = Field(3, gt=0)
@@ -87,12 +95,10 @@ class Experiment(BaseModel):
     @field_validator("formats")
     @classmethod
     def _formats(cls, value: list[str]) -> list[str]:
-        if "all" in value:
-            return list(FORMAT_NAMES)
-        for name in value:
-            if name not in FORMAT_NAMES:
-                raise ValueError(f"unknown format {name!r}; formats: {', '.join(FORMAT_NAMES)}")
-        return list(dict.fromkeys(value))
+        try:
+            return expand_names(value)
+        except LoadbenchError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("workers")
     @classmethod
@@ -153,13 +159,15 @@ class Cell:
     access: str
     workers: int
     cache: str
+    shuffle: str = "exact"
     skip: str | None = None  # why this combination is not run
 
     @property
     def label(self) -> str:
+        order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
         return (
-            f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers} "
-            f"{self.cache}"
+            f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
+            f"{order} {self.cache}"
         )
 
 
@@ -178,7 +186,13 @@ class RunSpec:
     def settings(self) -> dict[str, Any]:
         """The resolved configuration of the run (what the key hashes, minus the repeat)."""
         e, c = self.experiment, self.cell
+        # Keys added after the first schema appear only when not at their default, so that
+        # the runs of older results directories keep their keys.
+        later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
+                 "chunk_cache_mb": e.chunk_cache_mb}  # fmt: skip
+        defaults = {"shuffle": "exact", "shuffle_window": 8, "chunk_cache_mb": 256}
         return {
+            **{k: v for k, v in later.items() if v != defaults[k]},
             "schema": SCHEMA,
             "dataset": c.dataset.model_dump(),
             "format": c.format,
@@ -211,6 +225,7 @@ class RunSpec:
                 "access": self.cell.access,
                 "workers": self.cell.workers,
                 "cache": self.cell.cache,
+                "shuffle": self.cell.shuffle,
             },
         }
 
@@ -229,14 +244,20 @@ def expand(experiment: Experiment) -> list[Cell]:
             for dtype in experiment.dtypes:
                 for access in experiment.access:
                     for workers in experiment.workers:
-                        for cache in experiment.cache_states():
-                            cell = Cell(dataset, fmt, dtype, access, workers, cache)
-                            cell.skip = _why_not(cell)
-                            cells.append(cell)
+                        for shuffle in experiment.shuffle:
+                            for cache in experiment.cache_states():
+                                cell = Cell(dataset, fmt, dtype, access, workers, cache, shuffle)
+                                cell.skip = _why_not(cell)
+                                cells.append(cell)
     return cells
 
 
 def _why_not(cell: Cell) -> str | None:
+    fmt = get_format(cell.format)
+    if fmt.missing():
+        return fmt.missing()
+    if cell.access not in fmt.accesses:
+        return f"{cell.format} runs its own pipeline with {'/'.join(fmt.accesses)} access only"
     if cell.dtype not in get_format(cell.format).dtypes:
         return f"{cell.format} stores {'/'.join(get_format(cell.format).dtypes)} only"
     if cell.access == "device" and cell.workers:

@@ -38,6 +38,7 @@ def base_record(spec: dict[str, Any]) -> dict[str, Any]:
         "access": s["access"],
         "workers": s["workers"],
         "cache": s["cache"],
+        "shuffle": s.get("shuffle", "exact"),
         "mode": s["mode"],
         "batch_size": s["batch_size"],
         "epochs_planned": s["epochs"],
@@ -100,7 +101,7 @@ def _train(spec, record, sampler, device, started) -> None:
     config = TrainConfig(
         data=spec["store_path"], access=s["access"], workers=s["workers"],
         batch_size=s["batch_size"], pin_memory=s["pin_memory"], epochs=s["epochs"],
-        seed=spec["seed"], device=s["device"], **s["train"],
+        seed=spec["seed"], device=s["device"], **_order_settings(s), **s["train"],
     )  # fmt: skip
     record["epochs"] = []
 
@@ -108,11 +109,13 @@ def _train(spec, record, sampler, device, started) -> None:
         record["epochs"].append({**epoch_record, **sampler.window()})
 
     run = Run(config, store, out_dir=None, callbacks=(on_epoch,))
+    record["order_quality"] = run.train_order.quality()
     run.maybe_compile()
     record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
     record["plan"] = run.plan.note
     run.fit()
     loss, predicted, targets = run.predict(run.eval_batches)
+    run.close()
     report = classification_report(targets, predicted, run.classes)
     record["final"] = {
         "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
@@ -128,13 +131,18 @@ def _loader_only(spec, record, sampler, device, started) -> None:
     import torch
 
     from loadbench.store import open_store
-    from loadbench.training.data import EpochOrder, labels_of, make_batches, plan_splits
+    from loadbench.training.data import EpochOrder, labels_of, make_batches, plan_splits, shutdown
 
     s = spec["settings"]
     store = open_store(spec["store_path"], device=str(device))
+    order_settings = _order_settings(s)
+    store.chunk_cache_bytes = order_settings["chunk_cache_mb"] << 20
     plan = plan_splits(store, seed=spec["seed"])
     order = EpochOrder(plan.train_indices, labels_of(store, "train")[plan.train_indices],
-                       spec["seed"], shuffle=True)  # fmt: skip
+                       spec["seed"], shuffle=order_settings["shuffle"],
+                       block=store.raw("train").block_images,
+                       window=order_settings["shuffle_window"])  # fmt: skip
+    record["order_quality"] = order.quality()
     pin = s["pin_memory"] if s["pin_memory"] is not None else device.type == "cuda"
     batches = make_batches(
         store, "train", order, access=s["access"], batch_size=s["batch_size"],
@@ -161,8 +169,18 @@ def _loader_only(spec, record, sampler, device, started) -> None:
             "images_per_s": images_seen / elapsed if elapsed else 0.0,
             "first_batch_s": first or 0.0, **sampler.window(),
         })  # fmt: skip
+    shutdown(batches)
     first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
     record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+
+
+def _order_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The epoch-order keys of a run's settings, with the defaults of runs that omit them."""
+    return {
+        "shuffle": settings.get("shuffle", "exact"),
+        "shuffle_window": settings.get("shuffle_window", 8),
+        "chunk_cache_mb": settings.get("chunk_cache_mb", 256),
+    }
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:

@@ -54,8 +54,8 @@ def to_tensor(images):
         images = torch.from_numpy(images)
     t = images
     t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
-    if t.dtype == torch.uint8:
-        return t.float().div_(255)
+    if t.dtype == torch.uint8:  # one pass: reads uint8, writes contiguous float32 (N)CHW
+        return torch.div(t, 255, out=torch.empty(t.shape, dtype=torch.float32, device=t.device))
     return t.float().contiguous()
 
 
@@ -102,6 +102,9 @@ class SplitReader:
     """
 
     device: str | None = None  # only device-resident readers use it
+    # Images per storage block (chunk) when the format reads whole blocks, for `shuffle:
+    # block`; None: no such blocks.
+    block_images: int | None = None
 
     def __init__(self, root: str, manifest: Any, split: str):
         self.root = root
@@ -140,8 +143,11 @@ class SplitReader:
         return state
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter shutdown modules may be gone
+        # Not contextlib.suppress: at interpreter shutdown the contextlib module may be gone.
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
 
     # -- reading --------------------------------------------------------------------------
     def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +188,13 @@ class SplitReader:
             bad = indices[(indices < -self.count) | (indices >= self.count)][0]
             raise IndexError(f"index {bad} out of range for split {self.split!r} of {self.count}")
         return np.where(indices < 0, indices + self.count, indices)
+
+    def loader(self, order, *, access: str, batch_size: int, workers: int, pin_memory: bool,
+               augmenter):  # fmt: skip
+        """An iterable of (float32 images N,C,H,W in [0, 1], int64 labels N) over
+        `order.draw()` of each epoch, for readers that bring their own pipeline (peer loaders);
+        None means loadbench's DataLoader path (`training.data.make_batches`)."""
+        return None
 
     def read_batch_tensor(self, indices):
         """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model."""
@@ -251,32 +264,124 @@ def read_by_chunks(indices: np.ndarray, block: int, read_slice, out: np.ndarray)
     return out
 
 
+class ChunkCache:
+    """Decoded chunks by number, the least recently used dropped past `max_bytes`.
+
+    Chunked stores decode a whole chunk to return one image of it; under shuffled per-image
+    access without a cache every image costs a chunk decode. Each process (each DataLoader
+    worker) has its own cache: it lives in the reader's per-process handle.
+    """
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, number: int, load) -> np.ndarray:
+        chunk = self.chunks.get(number)
+        if chunk is not None:
+            self.hits += 1
+            self.chunks.move_to_end(number)
+            return chunk
+        self.misses += 1
+        chunk = load()
+        if chunk.nbytes <= self.max_bytes:
+            self.chunks[number] = chunk
+            self.bytes += chunk.nbytes
+            while self.bytes > self.max_bytes:
+                _, dropped = self.chunks.popitem(last=False)
+                self.bytes -= dropped.nbytes
+        return chunk
+
+    def stats(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / total if total else None,
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+        }
+
+
+DEFAULT_CHUNK_CACHE_BYTES = 256 << 20
+
+
 class ChunkedArrayReader(SplitReader):
     """Readers of array files that decode whole chunks (HDF5, Zarr): one slice per chunk.
 
-    `_open` returns {"images": array-like, "labels": ndarray, ...}; anything in it with a
-    `close()` (the file, the store) is closed with the reader.
+    `_open_arrays` returns {"images": array-like, "labels": ndarray, ...}; anything in it with
+    a `close()` (the file, the store) is closed with the reader. Stores written in chunks read
+    through a `ChunkCache` of `cache_bytes` per process (0 turns it off); contiguous ones
+    (unchunked HDF5) read slices of `default_chunk` images and cache nothing.
     """
 
     read_errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
+    cache_bytes: int = DEFAULT_CHUNK_CACHE_BYTES
 
     def __init__(self, root: str, manifest: Any, split: str, default_chunk: int = 256):
         super().__init__(root, manifest, split)
+        stored_chunk = manifest.splits[split].model_extra.get("chunk_images")
+        self.chunked = bool(stored_chunk)
         # Contiguous arrays are still read in slices of `default_chunk` images, so one sparse
         # batch does not pull the whole span between its first and last index.
-        self.chunk = manifest.splits[split].model_extra.get("chunk_images") or default_chunk
+        self.chunk = stored_chunk or default_chunk
+
+    @property
+    def block_images(self) -> int | None:
+        return self.chunk if self.chunked else None
+
+    def _open(self) -> dict[str, Any]:
+        handle = self._open_arrays()
+        cached = self.chunked and self.cache_bytes > 0
+        handle["cache"] = ChunkCache(self.cache_bytes) if cached else None
+        return handle
+
+    def _open_arrays(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """This process's chunk-cache counters (None: no cache, or nothing read yet)."""
+        if self._handle is None or self._pid != os.getpid() or self._handle["cache"] is None:
+            return None
+        return self._handle["cache"].stats()
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.handle["labels"], dtype=np.int64)
 
-    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = self.handle
+    def _slice(self, lo: int, hi: int) -> np.ndarray:
         try:
-            out = read_by_chunks(
-                indices, self.chunk, lambda lo, hi: h["images"][lo:hi], self._empty(len(indices))
-            )
+            return self.handle["images"][lo:hi]
         except self.read_errors as e:
             raise self._damaged(f"{self.split}/images cannot be read", e) from None
+
+    def _chunk(self, number: int) -> np.ndarray:
+        lo = number * self.chunk
+        return self.handle["cache"].get(
+            number, lambda: self._slice(lo, min(lo + self.chunk, self.count))
+        )
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        h = self.handle
+        index = self._check_index(index)
+        if h["cache"] is None:
+            return self._slice(index, index + 1)[0], int(h["labels"][index])
+        number = index // self.chunk
+        return self._chunk(number)[index - number * self.chunk].copy(), int(h["labels"][index])
+
+    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = self.handle
+        out = self._empty(len(indices))
+        if h["cache"] is None:
+            read_by_chunks(indices, self.chunk, self._slice, out)
+        else:
+            for lo, _, pos in gather_ranges(indices, self.chunk):
+                number = lo // self.chunk
+                out[pos] = self._chunk(number)[indices[pos] - number * self.chunk]
         return out, h["labels"][indices]
 
 
@@ -293,6 +398,24 @@ class Format:
     tracks_every_file: ClassVar[bool] = True
     # Bumped when the on-disk layout changes; readers refuse stores of another version.
     version: ClassVar[int] = 1
+    # Peer loaders are other projects' libraries (optional installs) run as their users run
+    # them; they bring their own pipeline (`SplitReader.loader`) for the access modes they have.
+    peer: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()  # modules that must import (pip names in `install`)
+    install: ClassVar[str] = ""
+    accesses: ClassVar[tuple[str, ...]] = ("sample", "batch", "device")
+
+    def missing(self) -> str | None:
+        """Why this format cannot run here (a module it needs does not import), else None."""
+        import importlib.util
+
+        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if not absent:
+            return None
+        return (
+            f"{self.name} needs {', '.join(absent)}, which is not installed: "
+            f"pip install {self.install or 'loadbench[peers]'}"
+        )
 
     def resolve_options(self, dtype: str, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, types coerced, unknown options and bad values rejected."""

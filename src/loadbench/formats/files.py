@@ -2,8 +2,8 @@
 
 Layout: `<split>/<NNN>_<class>/<index>.<ext>` plus `<split>/labels.npy`. Class folders carry their
 index as a prefix, so torchvision's ImageFolder on a split folder finds the same class indices.
-Pipeline when reading: file -> PIL decode -> uint8 -> float32 (document 000's "JPEG => PIL =>
-uint8 => float32").
+Pipeline when reading: file -> decode -> uint8 -> float32 (document 000's "JPEG => PIL => uint8 =>
+float32"), decoding with torchvision.io, the faster of it and Pillow here (see `codecs.decode`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class _FilesFormat(Format):
 @register_format
 class JpegFilesFormat(_FilesFormat):
     name = "files-jpeg"
-    summary = "one JPEG file per image in class folders (lossy; PIL decode)"
+    summary = "one JPEG file per image in class folders (lossy; libjpeg-turbo decode)"
     codec = "jpeg"
     options = codecs.JPEG_OPTIONS
 
@@ -134,6 +134,6 @@ class JpegFilesFormat(_FilesFormat):
 @register_format
 class PngFilesFormat(_FilesFormat):
     name = "files-png"
-    summary = "one PNG file per image in class folders (lossless; PIL decode)"
+    summary = "one PNG file per image in class folders (lossless)"
     codec = "png"
     options = codecs.PNG_OPTIONS

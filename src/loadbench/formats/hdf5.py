@@ -78,7 +78,7 @@ def chunk_images(image_shape, dtype: str, options: dict) -> int | None:
 
 
 class Hdf5Reader(ChunkedArrayReader):
-    def _open(self):
+    def _open_arrays(self):
         import h5py
 
         path = os.path.join(self.root, FILE)

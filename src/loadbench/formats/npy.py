@@ -62,6 +62,11 @@ class NpyReader(SplitReader):
     def labels(self) -> np.ndarray:
         return np.array(self.handle["labels"], dtype=np.int64)
 
+    def read(self, index: int):
+        h = self.handle
+        index = self._check_index(index)
+        return np.array(h["images"][index]), int(h["labels"][index])
+
     def read_items(self, indices: np.ndarray):
         h = self.handle
         if len(indices) and indices[-1] - indices[0] + 1 == len(indices):

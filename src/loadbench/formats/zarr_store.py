@@ -107,7 +107,7 @@ class ZarrWriter(SplitWriter):
 class ZarrReader(ChunkedArrayReader):
     read_errors = (OSError, ValueError, RuntimeError)  # codecs raise their own kinds
 
-    def _open(self):
+    def _open_arrays(self):
         import zarr
         from zarr.storage import LocalStore, ZipStore
 

@@ -20,7 +20,7 @@ from loadbench.bench.runner import RUNS, read_runs
 from loadbench.errors import LoadbenchError
 
 SCHEMA = 1
-CONFIG = ["format", "dtype", "access", "workers"]  # a row of a dataset's table (+ cache)
+CONFIG = ["format", "dtype", "access", "workers", "shuffle"]  # a row of a table (+ cache)
 
 
 @dataclass
@@ -106,15 +106,16 @@ def load_results(path: str) -> Results:
 
 
 RUN_COLUMNS = [
-    "key", "dataset", "format", "dtype", "access", "workers", "cache", "mode", "repeat", "seed",
-    "epochs", "first_epoch_s", "epoch_s", "total_time_s", "time_to_first_batch_s",
+    "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache", "mode",
+    "repeat", "seed", "epochs", "first_epoch_s", "epoch_s", "total_time_s", "time_to_first_batch_s",
     "images_per_s", "stall_share", "data_wait_s", "compute_s", "peak_rss_bytes", "cpu_pct_mean",
     "system_cpu_pct_mean", "read_bytes", "gpu_util_pct_mean", "gpu_mem_bytes_max",
     "cuda_max_allocated_bytes", "store_bytes", "bytes_per_image", "convert_time_s",
-    "final_accuracy", "eviction_effective",
+    "final_accuracy", "eviction_effective", "order_jump_ratio", "order_same_class",
 ]  # fmt: skip
 EPOCH_COLUMNS = [
-    "key", "dataset", "format", "dtype", "access", "workers", "cache", "repeat", "epoch",
+    "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache", "repeat",
+    "epoch",
     "time_s", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
 ]  # fmt: skip
 
@@ -147,6 +148,7 @@ def run_row(r: dict[str, Any]) -> dict[str, Any]:
         "dtype": r.get("dtype"),
         "access": r.get("access"),
         "workers": r.get("workers"),
+        "shuffle": r.get("shuffle", "exact"),
         "cache": r.get("cache", "warm"),
         "mode": r.get("mode"),
         "repeat": r.get("repeat"),
@@ -172,12 +174,15 @@ def run_row(r: dict[str, Any]) -> dict[str, Any]:
         "convert_time_s": _get(r, "store", "convert_time_s"),
         "final_accuracy": _get(r, "final", "accuracy"),
         "eviction_effective": _get(r, "eviction", "effective"),
+        "order_jump_ratio": _get(r, "order_quality", "jump_ratio"),
+        "order_same_class": _get(r, "order_quality", "same_class"),
     }
 
 
 def epoch_row(r: dict[str, Any], e: dict[str, Any]) -> dict[str, Any]:
     row = {k: r.get(k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
                                  "cache", "repeat")}  # fmt: skip
+    row["shuffle"] = r.get("shuffle", "exact")
     row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy",
                                       "val_loss", "val_accuracy")})  # fmt: skip
     return row

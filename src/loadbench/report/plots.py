@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from loadbench.formats import FORMAT_NAMES
+from loadbench.formats import ALL_NAMES
 from loadbench.report.data import CONFIG, Results, warm_only
 from loadbench.report.tables import aggregate, config_name
 from loadbench.training.plots import save_png
@@ -19,7 +19,7 @@ _PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
 ]  # fmt: skip
-FORMAT_COLOURS = dict(zip(FORMAT_NAMES, _PALETTE, strict=False))
+FORMAT_COLOURS = dict(zip(ALL_NAMES, _PALETTE, strict=False))
 
 
 def colour(fmt: str) -> str:
@@ -132,10 +132,12 @@ def _workers_lines(runs, dataset, path):
     stats = aggregate(runs, CONFIG)
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.subplots()
-    for (fmt, dtype, access), part in stats.groupby(["format", "dtype", "access"]):
+    lines = stats.groupby(["format", "dtype", "access", "shuffle"])
+    for (fmt, dtype, access, order), part in lines:
         part = part.sort_values("workers")
+        suffix = "" if order == "exact" else f"/{order}-shuffle"
         ax.plot(part["workers"], part["images_per_s"], "o-", color=colour(fmt),
-                label=f"{fmt}/{dtype}/{access}")  # fmt: skip
+                label=f"{fmt}/{dtype}/{access}{suffix}")  # fmt: skip
     ax.set_xlabel("DataLoader workers")
     ax.set_ylabel("images/s (steady state)")
     ax.set_ylim(bottom=0)

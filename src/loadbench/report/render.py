@@ -16,7 +16,7 @@ import yaml
 from loadbench.report.data import CONFIG, Results, load_results, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
-from loadbench.report.tables import Table, aggregate, dataset_table, summary_table
+from loadbench.report.tables import Table, aggregate, config_name, dataset_table, summary_table
 
 
 @dataclass
@@ -86,8 +86,9 @@ def compare_table(a: Results, b: Results) -> Table:
     for key in common:
         ea, eb = left.loc[key, "epoch_s"], right.loc[key, "epoch_s"]
         ratio = eb / ea if ea and ea == ea and eb == eb else float("nan")
-        ds, fmt, dtype, access, workers = key
-        rows.append([ds, f"{fmt}/{dtype}/{access}/w{int(workers)}", f"{ea:.3f}", f"{eb:.3f}",
+        ds, *config = key
+        name = config_name(dict(zip(CONFIG, config, strict=True)))
+        rows.append([ds, name, f"{ea:.3f}", f"{eb:.3f}",
                      f"{ratio:.2f}x" if ratio == ratio else "-"])  # fmt: skip
     notes = [f"A: {a.path} ({_machine(a)}); B: {b.path} ({_machine(b)}). B/A > 1: B is slower."]
     if not rows:

@@ -22,7 +22,9 @@ class Table:
 
 
 def config_name(row) -> str:
-    return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}"
+    order = row.get("shuffle", "exact")
+    suffix = "" if order in ("exact", None) else f"/{order}-shuffle"
+    return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}{suffix}"
 
 
 def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -48,6 +50,8 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         bytes_per_image=("bytes_per_image", "first"),
         convert_time_s=("convert_time_s", "first"),
         final_accuracy=("final_accuracy", "median"),
+        order_jump_ratio=("order_jump_ratio", "median"),
+        order_same_class=("order_same_class", "median"),
     )
     return out.reset_index()
 
@@ -66,12 +70,15 @@ def dataset_table(results: Results, dataset: str) -> Table:
     fastest = table["epoch_s"].min()
     table["ratio"] = table["epoch_s"] / fastest if fastest and fastest > 0 else np.nan
     gpu = table["gpu_util_pct_mean"].notna().any()
+    block = (table["shuffle"] != "exact").any()
     headers = ["", "configuration", "repeats", f"epoch s ({main}, median [IQR])", "x fastest"]
     if len(caches) == 2:
         headers += ["epoch s (cold)"]
     headers += ["1st epoch s", "total s", "img/s", "data stall", "peak RSS", "CPU %"]
     if gpu:
         headers += ["GPU %", "GPU mem"]
+    if block:
+        headers += ["order jump", "same-class pairs"]
     headers += ["store", "bytes/img", "convert s", "accuracy"]
     rows = []
     for i, r in table.iterrows():
@@ -90,6 +97,8 @@ def dataset_table(results: Results, dataset: str) -> Table:
         ]  # fmt: skip
         if gpu:
             cells += [_count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])]
+        if block:
+            cells += [_num(r["order_jump_ratio"], 3), _pct(r["order_same_class"])]
         cells += [
             _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
             _num(r["final_accuracy"], 3),
@@ -102,6 +111,12 @@ def dataset_table(results: Results, dataset: str) -> Table:
     ]
     if not gpu:
         notes.append("No GPU was used: GPU columns are left out.")
+    if block:
+        notes.append(
+            "block-shuffle rows read chunk by chunk in a less random order. 'order jump' is the "
+            "mean distance between consecutive images over its value for an exact shuffle "
+            "(1 = as random); 'same-class pairs' is the share of consecutive images of one class."
+        )
     return Table(dataset, headers, rows, notes, table)
 
 
@@ -129,7 +144,7 @@ def summary_table(results: Results) -> Table:
             numbers.loc[fmt, ds] = best["epoch_s"]
             text = _num(best["epoch_s"])
             if several:
-                text += f" ({best['dtype']}/{best['access']}/w{int(best['workers'])})"
+                text += f" ({config_name(best).partition('/')[2]})"
             cells.append(text)
         rows.append(cells)
     order = numbers.mean(axis=1, skipna=True).sort_values().index if len(numbers) else []

@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
 
     access: Literal["sample", "batch", "device"] = "sample"
     workers: int = Field(0, ge=0)
+    shuffle: Literal["exact", "block"] = Field(
+        "exact", description="block: chunk-aware order (faster on chunked stores, less random)"
+    )
+    shuffle_window: int = Field(8, ge=1, description="block shuffle: chunks mixed together")
+    chunk_cache_mb: int = Field(256, ge=0, description="decoded-chunk cache per process")
     pin_memory: bool | None = None
     device: str = "auto"
     amp: bool = False

@@ -1,9 +1,11 @@
 """From a store to batches on the device, by the three access modes the study compares.
 
 - `sample`: the classic map-style Dataset + DataLoader (`num_workers`, `pin_memory`), one item
-  per `__getitem__`.
+  per `__getitem__`, the batch converted to float once.
 - `batch`: a DataLoader over a BatchSampler with `batch_size=None`: one `read_batch` call per
-  batch (sorted reads, each chunk once), still with workers.
+  batch (sorted reads, each chunk once).
+- With workers, both hand batches back through a ring of shared-memory slots (`RingBatches`)
+  instead of torch's per-batch shared-memory transfer.
 - `device`: the whole split resident on the training device, indexed by a permutation drawn
   there; no DataLoader, no per-sample Python (airbench's loader).
 
@@ -23,7 +25,7 @@ import torch
 import torch.utils.data
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import SplitReader, to_tensor
+from loadbench.formats.base import DTYPES, SplitReader, to_tensor
 from loadbench.sources.base import stratified_sample
 from loadbench.store import Store
 
@@ -145,18 +147,68 @@ def seeded(transform, image: torch.Tensor, seed: int, epoch: int, index: int) ->
 # -- epoch plans -------------------------------------------------------------------------------
 
 
+DEFAULT_BLOCK = 256  # images per block for `shuffle="block"` on stores without chunks
+DEFAULT_WINDOW = 8  # blocks mixed together by `shuffle="block"`
+
+
+def block_order(indices: np.ndarray, block: int, window: int, rng) -> np.ndarray:
+    """Positions of `indices` in a chunk-aware order (FFCV's QUASI_RANDOM): the blocks of
+    `block` consecutive store indices in random order, then the images of every `window`
+    consecutive blocks mixed together. A reader then decodes each chunk once per epoch with a
+    cache of only `window` chunks."""
+    blocks = indices // block
+    unique, inverse = np.unique(blocks, return_inverse=True)
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[rng.permutation(len(unique))] = np.arange(len(unique))
+    return np.lexsort((rng.random(len(indices)), rank[inverse] // window))
+
+
+def order_quality(indices: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """How random an epoch order is, as two numbers a report can show beside the speed.
+
+    - `jump_ratio`: mean distance between consecutive store indices, over its expectation for a
+      uniformly random order of the same indices (1 for an exact shuffle, near 0 in order);
+    - `same_class`: fraction of consecutive pairs of one class, and `same_class_expected`, its
+      expectation for a uniformly random order (higher than expected means class runs).
+    """
+    n = len(indices)
+    if n < 2:
+        return {"jump_ratio": None, "same_class": None, "same_class_expected": None}
+    values = np.sort(indices).astype(np.float64)
+    # E|X - Y| over pairs drawn without replacement from the indices: sum_i (2i - n + 1) v_i.
+    expected_jump = 2 * float(np.dot(2 * np.arange(n) - n + 1, values)) / (n * (n - 1))
+    jump = float(np.abs(np.diff(indices)).mean())
+    counts = np.bincount(labels).astype(np.float64)
+    return {
+        "jump_ratio": jump / expected_jump if expected_jump else None,
+        "same_class": float((labels[1:] == labels[:-1]).mean()),
+        "same_class_expected": float((counts * (counts - 1)).sum() / (n * (n - 1))),
+    }
+
+
 class EpochOrder:
     """The order of training samples in each epoch, as (store index, is_copy) pairs.
 
+    `shuffle`: `"exact"` (or True) a uniformly random permutation every epoch; `"block"` the
+    chunk-aware order of `block_order` (opt-in: it trades randomness, see `order_quality`, for
+    speed on chunked stores); `"none"` (or False) index order.
     `balance="weighted"` draws N samples with replacement, weighted by inverse class frequency
     (WeightedRandomSampler); `"oversample"` adds augmented copies of minority-class images until
     every class has as many as the largest.
     """
 
-    def __init__(self, indices, labels, seed: int, shuffle: bool = True, balance: str = "none"):
+    def __init__(self, indices, labels, seed: int, shuffle: bool | str = True,
+                 balance: str = "none", block: int | None = None,
+                 window: int = DEFAULT_WINDOW):  # fmt: skip
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.seed, self.shuffle, self.balance = seed, shuffle, balance
+        shuffle = {True: "exact", False: "none"}.get(shuffle, shuffle)
+        if shuffle not in ("exact", "block", "none"):
+            raise LoadbenchError(f"shuffle must be exact, block or none, not {shuffle!r}")
+        self.seed, self.balance = seed, balance
+        self.mode = shuffle
+        self.shuffle = shuffle != "none"  # in random order at all
+        self.block, self.window = block or DEFAULT_BLOCK, window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -180,10 +232,20 @@ class EpochOrder:
             extra = np.concatenate(extra) if extra else np.zeros(0, dtype=np.int64)
             indices = np.concatenate([indices, self.indices[extra]])
             copies = np.concatenate([copies, np.ones(len(extra), dtype=bool)])
-        if self.shuffle:
+        if self.mode == "exact":
             order = rng.permutation(len(indices))
             indices, copies = indices[order], copies[order]
+        elif self.mode == "block":
+            order = block_order(indices, self.block, self.window, rng)
+            indices, copies = indices[order], copies[order]
         return indices, copies
+
+    def quality(self) -> dict[str, float | None]:
+        """`order_quality` of the current epoch's order."""
+        indices, _ = self.draw()
+        lookup = np.zeros(int(self.indices.max()) + 1 if len(self.indices) else 1, np.int64)
+        lookup[self.indices] = self.labels
+        return order_quality(indices, lookup[indices])
 
     def __len__(self) -> int:
         if self.balance == "oversample":
@@ -192,7 +254,7 @@ class EpochOrder:
         return len(self.indices)
 
 
-class _EpochSampler(torch.utils.data.Sampler):
+class EpochSampler(torch.utils.data.Sampler):
     """Yields (position in epoch, store index, is_copy, epoch) for a DataLoader."""
 
     def __init__(self, order: EpochOrder):
@@ -226,7 +288,9 @@ class Augmenter:
 
 
 class _SampleDataset(torch.utils.data.Dataset):
-    """`sample` access: one reader call per image, augmented in the worker."""
+    """`sample` access: one reader call per image. Without augmentation an item stays in the
+    storage dtype and layout, and `_collate` converts the whole batch to float at once; with
+    augmentation each image is converted and augmented in the worker."""
 
     def __init__(self, reader: SplitReader, augmenter: Augmenter | None):
         self.reader, self.augmenter = reader, augmenter
@@ -237,10 +301,15 @@ class _SampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         position, index, copy, epoch = key
         image, label = self.reader.read(index)
-        tensor = to_tensor(image)
-        if self.augmenter is not None:
-            tensor = self.augmenter(tensor, position, copy, epoch)
-        return tensor, label
+        if self.augmenter is None:
+            return torch.from_numpy(image), label
+        return self.augmenter(to_tensor(image), position, copy, epoch), label
+
+
+def _collate_stored(items):
+    """Stored (H, W, C) images of a batch -> one float32 (N, C, H, W) tensor, one conversion."""
+    images = torch.stack([item[0] for item in items])
+    return to_tensor(images), torch.tensor([item[1] for item in items], dtype=torch.int64)
 
 
 class _BatchDataset(_SampleDataset):
@@ -249,6 +318,102 @@ class _BatchDataset(_SampleDataset):
     def __getitem__(self, keys):
         images, labels = self.reader.read_batch_tensor([k[1] for k in keys])
         return _augment_batch(images, keys, self.augmenter), labels
+
+
+class _NumberedBatches(torch.utils.data.Sampler):
+    """The batches of an epoch with their number: which ring slot each one fills."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler):
+        self.batches = batches
+
+    def __iter__(self):
+        return enumerate(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _RingDataset(_SampleDataset):
+    """Access with workers: a worker fills slot k % S of a ring of shared-memory buffers made
+    before the workers start with batch k, and sends back only the slot, the count and the
+    labels (bytes). `per_item` (sample access) reads and writes image by image, as a
+    map-style Dataset does; else (batch access) with one `read_batch`."""
+
+    def __init__(self, reader: SplitReader, augmenter: Augmenter | None, ring: torch.Tensor,
+                 per_item: bool):  # fmt: skip
+        super().__init__(reader, augmenter)
+        self.ring, self.per_item = ring, per_item
+
+    def __getitem__(self, numbered):
+        number, keys = numbered
+        slot = number % len(self.ring)
+        out = self.ring[slot]
+        if self.per_item:
+            labels = np.empty(len(keys), dtype=np.int64)
+            pixels = out.numpy() if self.augmenter is None else None
+            for k, (position, index, copy, epoch) in enumerate(keys):
+                image, labels[k] = self.reader.read(index)
+                if pixels is not None:
+                    pixels[k] = image
+                else:
+                    out[k] = self.augmenter(to_tensor(image), position, copy, epoch)
+        elif self.augmenter is None:
+            images, labels = self.reader.read_batch([k[1] for k in keys])
+            out[: len(keys)].numpy()[...] = images
+        else:
+            images, labels = self.reader.read_batch_tensor([k[1] for k in keys])
+            out[: len(keys)] = _augment_batch(images, keys, self.augmenter)
+        return slot, len(keys), np.asarray(labels, dtype=np.int64).tobytes()
+
+
+class RingBatches:
+    """Access with DataLoader workers, without torch's per-batch transfer.
+
+    A DataLoader sends each batch from a worker through a new shared-memory segment (create,
+    map, fault every page in, send the descriptor, map again): about 3 ms a batch on this
+    machine, which capped 2 workers at ~90k 32x32 images/s where one process reads 500k. Here
+    the workers fill slots of one ring made at the start. The ring has 2 slots more than the
+    batches that can be in flight (`prefetch_factor` x workers), because the DataLoader sends
+    batch k + prefetch_factor x workers to a worker only once batch k is handed out, and batch
+    k - 1 has been copied out of its slot by then: a slot is never written while it is read.
+    Every batch handed out is memory of its own.
+    """
+
+    PREFETCH = 2
+
+    def __init__(self, reader: SplitReader, batches: torch.utils.data.BatchSampler, *,
+                 batch_size: int, workers: int, pin_memory: bool,
+                 augmenter: Augmenter | None, per_item: bool = False):  # fmt: skip
+        h, w, c = reader.image_shape
+        slots = self.PREFETCH * workers + 2
+        if augmenter is None:  # stored pixels; converted to float here, once per batch
+            shape, dtype = (h, w, c), torch.from_numpy(np.empty(0, DTYPES[reader.dtype])).dtype
+        else:  # augmented in the workers: float32 (C, H, W)
+            shape, dtype = (c, h, w), torch.float32
+        self.ring = torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
+        self.augmenter, self.pin_memory = augmenter, pin_memory
+        self.loader = torch.utils.data.DataLoader(
+            _RingDataset(reader, augmenter, self.ring, per_item), batch_size=None,
+            sampler=_NumberedBatches(batches), num_workers=workers, persistent_workers=True,
+            prefetch_factor=self.PREFETCH,
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for slot, n, label_bytes in self.loader:
+            view = self.ring[slot, :n]
+            images = to_tensor(view) if self.augmenter is None else view
+            if images.data_ptr() == view.data_ptr():  # float32 stores, augmented: copy out
+                images = images.clone()
+            labels = torch.frombuffer(bytearray(label_bytes), dtype=torch.int64)
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def close(self) -> None:
+        shutdown(self.loader)
 
 
 def _augment_batch(images: torch.Tensor, keys, augmenter: Augmenter | None) -> torch.Tensor:
@@ -303,6 +468,24 @@ class DeviceBatches:
         return math.ceil(len(self.order) / self.batch_size)
 
 
+def shutdown(batches) -> None:
+    """Stop the worker processes behind `batches` now. Left to the garbage collector, a
+    DataLoader with persistent workers waits 5 s per worker before it gives up joining them
+    (measured: 20 s after a run with 2 workers)."""
+    close = getattr(batches, "close", None)
+    if callable(close):  # RingBatches, peer loaders
+        close()
+        return
+    # A DataLoader, or a pipeline of stages that starts with one (webdataset's WebLoader).
+    stages = [batches, *getattr(batches, "pipeline", [])]
+    for loader in stages:
+        iterator = getattr(loader, "_iterator", None)
+        if isinstance(loader, torch.utils.data.DataLoader) and iterator is not None:
+            if hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def make_batches(
     store: Store,
     split: str,
@@ -316,21 +499,31 @@ def make_batches(
     augmenter: Augmenter | None,
 ):
     """An iterable of (images float32 N,C,H,W in [0,1], labels int64 N) for one split."""
+    fmt = store.format
+    if fmt is not None and access not in fmt.accesses:
+        raise LoadbenchError(
+            f"{fmt.name} runs its own pipeline with {'/'.join(fmt.accesses)} access only, "
+            f"not {access}"
+        )
     if access == "device":
         return DeviceBatches(store, split, order, batch_size, device, augmenter)
     reader = store.new_reader(split)
     reader.device = "cpu"  # a DataLoader moves batches to the device itself (tensor format too)
-    sampler = _EpochSampler(order)
-    common = {
-        "num_workers": workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": workers > 0,
-    }
+    own = reader.loader(order, access=access, batch_size=batch_size, workers=workers,
+                        pin_memory=pin_memory, augmenter=augmenter)  # fmt: skip
+    if own is not None:  # a peer loader: its library's own pipeline
+        return own
+    sampler = EpochSampler(order)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+    if workers:  # per item (sample) or per batch, through a ring of shared buffers
+        return RingBatches(reader, batches, batch_size=batch_size, workers=workers,
+                           pin_memory=pin_memory, augmenter=augmenter,
+                           per_item=access == "sample")  # fmt: skip
     if access == "sample":
         return torch.utils.data.DataLoader(
-            _SampleDataset(reader, augmenter), batch_size=batch_size, sampler=sampler, **common
-        )
-    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+            _SampleDataset(reader, augmenter), batch_size=batch_size, sampler=sampler,
+            collate_fn=_collate_stored if augmenter is None else None, pin_memory=pin_memory,
+        )  # fmt: skip
     return torch.utils.data.DataLoader(
-        _BatchDataset(reader, augmenter), batch_size=None, sampler=batches, **common
+        _BatchDataset(reader, augmenter), batch_size=None, sampler=batches, pin_memory=pin_memory
     )

@@ -35,6 +35,7 @@ from loadbench.training.data import (
     labels_of,
     make_batches,
     plan_splits,
+    shutdown,
 )
 from loadbench.training.metrics import EpochMeter
 from loadbench.training.optim import current_lr, make_optimizer, make_schedule
@@ -96,14 +97,27 @@ class Run:
         self.train_batches, self.eval_batches = self._batches()
         self.schedule = make_schedule(self.optimizer, c, len(self.train_batches))
         self.use_amp = c.amp
-        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.autocast = lambda: torch.autocast(self.device.type, dtype=amp_dtype, enabled=c.amp)
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.best = {"loss": math.inf, "epoch": 0, "bad_epochs": 0}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.compile_time_s = 0.0
         self.forward = self.model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of this run's batches (see `data.shutdown`)."""
+        shutdown(self.train_batches)
+        shutdown(self.eval_batches)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- set-up ------------------------------------------------------------------------------
     def _build_model(self) -> ckpt.Classifier:
@@ -136,9 +150,12 @@ class Run:
             "access": c.access, "batch_size": c.batch_size, "workers": c.workers,
             "pin_memory": pin and c.access != "device", "device": self.device,
         }  # fmt: skip
+        self.store.chunk_cache_bytes = c.chunk_cache_mb << 20
         self.train_order = EpochOrder(
-            self.plan.train_indices, self.train_labels, c.seed, shuffle=True, balance=c.balance
-        )
+            self.plan.train_indices, self.train_labels, c.seed, shuffle=c.shuffle,
+            balance=c.balance, block=self.store.raw("train").block_images,
+            window=c.shuffle_window,
+        )  # fmt: skip
         eval_order = EpochOrder(self.plan.eval_indices, self.eval_labels, c.seed, shuffle=False)
         train = make_batches(self.store, "train", self.train_order, augmenter=augmenter, **common)
         evaluate = make_batches(

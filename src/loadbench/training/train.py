@@ -48,7 +48,11 @@ def train(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
     store = store if store is not None else open_data(config.data)
-    run = Run(config, store, plan=plan, out_dir=out, callbacks=callbacks)
+    with Run(config, store, plan=plan, out_dir=out, callbacks=callbacks) as run:
+        return _train(run, config, out, resume)
+
+
+def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
     progress.console.print(f"[dim]{run.plan.note}; device {run.device}[/dim]")
     start = run.restore(out) if resume else 1
     sanity = run.initial_loss()
