@@ -32,3 +32,19 @@ def valid_combinations():
         for name in FORMAT_NAMES
         for dtype in get_format(name).dtypes
     ]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory, rgb_source):
+    """One store of `rgb_source` per valid (format, dtype), converted once per session."""
+    root = tmp_path_factory.mktemp("stores")
+    made = {}
+    for param in valid_combinations():
+        name, dtype = param.values
+        made[name, dtype] = loadbench.convert(rgb_source, name, root / f"{name}-{dtype}", dtype)
+    return made

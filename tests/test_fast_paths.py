@@ -25,13 +25,10 @@ ARRAY_FORMATS = ["npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tenso
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, rgb_source):
-    root = tmp_path_factory.mktemp("fast")
+def chunked(tmp_path_factory, rgb_source):
+    """A chunked HDF5 and a zarr of small chunks: several chunks for 40 images."""
+    root = tmp_path_factory.mktemp("chunked")
     made = {}
-    for param in valid_combinations():
-        name, dtype = param.values
-        made[name, dtype] = loadbench.convert(rgb_source, name, root / f"{name}-{dtype}", dtype)
-    # A chunked HDF5 and a zarr of small chunks: several chunks for 40 images.
     made["hdf5-chunked"] = loadbench.convert(
         rgb_source, "hdf5", root / "hdf5-chunked", chunk_images=8
     )
@@ -147,8 +144,8 @@ def test_chunk_cache_is_bounded_and_least_recently_used_goes_first():
 
 
 @pytest.mark.parametrize("key", ["hdf5-chunked", "zarr-small"])
-def test_chunked_reads_through_the_cache_are_exact_and_decode_each_chunk_once(stores, key):
-    store = stores[key]
+def test_chunked_reads_through_the_cache_are_exact_and_decode_each_chunk_once(chunked, key):
+    store = chunked[key]
     cached = store.new_reader("train")
     indices = np.random.default_rng(0).permutation(40)
     images, labels = _items(cached, indices)
@@ -211,8 +208,8 @@ def test_order_quality_tells_exact_block_and_sorted_orders_apart():
         EpochOrder(indices, labels, seed=0, shuffle="sorted")
 
 
-def test_block_shuffle_keeps_every_sample_once_through_a_loader(stores):
-    store = stores["zarr-small"]
+def test_block_shuffle_keeps_every_sample_once_through_a_loader(chunked):
+    store = chunked["zarr-small"]
     got, order = _epoch(store, "sample", 0, shuffle="block")
     indices, _ = order.draw()
     assert sorted(indices.tolist()) == list(range(40))

@@ -11,27 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loadbench
-from conftest import valid_combinations
+from conftest import psnr, valid_combinations
 from loadbench.formats import FORMAT_NAMES, get_format, to_stored
 from loadbench.verify import verify_store
 
 LOSSLESS = [p for p in valid_combinations() if p.values[0] != "files-jpeg"]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory, rgb_source):
-    """One store per valid (format, dtype), converted once for the module."""
-    root = tmp_path_factory.mktemp("stores")
-    made = {}
-    for param in valid_combinations():
-        name, dtype = param.values
-        made[name, dtype] = loadbench.convert(rgb_source, name, root / f"{name}-{dtype}", dtype)
-    return made
 
 
 def test_the_registry_lists_every_format_of_the_study():

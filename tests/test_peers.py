@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import loadbench
+from conftest import psnr
 from loadbench.bench.experiment import Experiment, expand
 from loadbench.errors import LoadbenchError
 from loadbench.formats import PEER_NAMES, get_format
@@ -32,11 +33,6 @@ VARIANTS = [(name, {}) for name in PEER_NAMES] + [
 IDS = [name + "".join(f"-{v}" for v in options.values()) for name, options in VARIANTS]
 MAP_STYLE = {"torchvision-imagefolder", "hf-datasets"}  # exact loadbench epoch order
 BATCH = 16
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.fixture(scope="module")
