@@ -259,12 +259,18 @@ def test_block_shuffle_runs_are_recorded_and_reported_with_their_order_quality(t
         "name": "order", "mode": "loader-only", "epochs": 2, "repeats": 1, "batch_size": 16,
         "datasets": [{"source": "synthetic:cifar-like?count=96&eval_count=16&size=12",
                       "name": "tiny"}],
-        "formats": ["zarr"], "format_options": {"zarr": {"chunk_images": 16}},
+        "formats": ["zarr", "webdataset-lib"], "format_options": {"zarr": {"chunk_images": 16}},
         "shuffle": ["exact", "block"], "shuffle_window": 2, "chunk_cache_mb": 1,
     })  # fmt: skip
     outcome = run_experiment(exp, tmp_path / "r", tmp_path / "stores")
-    assert (outcome.ok, outcome.failed) == (2, 0)
-    runs = {r["shuffle"]: r for r in read_runs(tmp_path / "r")}
+    assert (outcome.ok, outcome.failed) == (3, 0)
+    assert [why for _, why in outcome.not_run] == [
+        "webdataset-lib streams in its library's own order; shuffle block does not apply"
+    ]
+    records = read_runs(tmp_path / "r")
+    peer = [r for r in records if r["format"] == "webdataset-lib"]
+    assert len(peer) == 1 and peer[0]["order_quality"] is None  # not loadbench's order
+    runs = {r["shuffle"]: r for r in records if r["format"] == "zarr"}
     assert runs["block"]["settings"]["shuffle_window"] == 2
     assert runs["block"]["settings"]["chunk_cache_mb"] == 1
     assert (

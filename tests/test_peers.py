@@ -221,6 +221,13 @@ def test_batch_access_is_refused(stores, name):
         batches(stores[name], order, 0, access="batch")
 
 
+@pytest.mark.parametrize("name", ["webdataset-lib", "litdata"])
+def test_streaming_peers_refuse_the_block_shuffle_they_would_ignore(stores, name):
+    order = EpochOrder(np.arange(40), np.zeros(40, dtype=np.int64), seed=0, shuffle="block")
+    with pytest.raises(LoadbenchError, match="own order; use shuffle exact"):
+        batches(stores[name], order, 0)
+
+
 @pytest.mark.parametrize("name", PEER_NAMES)
 def test_datasets_pickle_without_open_handles(stores, name):
     dataset = stores[name].dataset("train")

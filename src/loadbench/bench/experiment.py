@@ -258,8 +258,13 @@ def _why_not(cell: Cell) -> str | None:
         return fmt.missing()
     if cell.access not in fmt.accesses:
         return f"{cell.format} runs its own pipeline with {'/'.join(fmt.accesses)} access only"
-    if cell.dtype not in get_format(cell.format).dtypes:
-        return f"{cell.format} stores {'/'.join(get_format(cell.format).dtypes)} only"
+    if cell.shuffle != "exact" and fmt.own_order:
+        return (
+            f"{cell.format} streams in its library's own order; shuffle {cell.shuffle} does not "
+            "apply"
+        )
+    if cell.dtype not in fmt.dtypes:
+        return f"{cell.format} stores {'/'.join(fmt.dtypes)} only"
     if cell.access == "device" and cell.workers:
         return "device access uses no DataLoader workers (run with workers 0)"
     if cell.dtype not in DTYPES:

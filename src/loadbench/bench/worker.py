@@ -109,7 +109,7 @@ def _train(spec, record, sampler, device, started) -> None:
         record["epochs"].append({**epoch_record, **sampler.window()})
 
     run = Run(config, store, out_dir=None, callbacks=(on_epoch,))
-    record["order_quality"] = run.train_order.quality()
+    record["order_quality"] = _order_quality(store, run.train_order)
     run.maybe_compile()
     record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
     record["plan"] = run.plan.note
@@ -142,7 +142,7 @@ def _loader_only(spec, record, sampler, device, started) -> None:
                        spec["seed"], shuffle=order_settings["shuffle"],
                        block=store.raw("train").block_images,
                        window=order_settings["shuffle_window"])  # fmt: skip
-    record["order_quality"] = order.quality()
+    record["order_quality"] = _order_quality(store, order)
     pin = s["pin_memory"] if s["pin_memory"] is not None else device.type == "cuda"
     batches = make_batches(
         store, "train", order, access=s["access"], batch_size=s["batch_size"],
@@ -172,6 +172,11 @@ def _loader_only(spec, record, sampler, device, started) -> None:
     shutdown(batches)
     first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
     record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+
+
+def _order_quality(store, order) -> dict[str, Any] | None:
+    """The epoch order's quality; None for a peer that streams in its library's own order."""
+    return None if store.format.own_order else order.quality()
 
 
 def _order_settings(settings: dict[str, Any]) -> dict[str, Any]:

@@ -404,6 +404,7 @@ class Format:
     requires: ClassVar[tuple[str, ...]] = ()  # modules that must import (pip names in `install`)
     install: ClassVar[str] = ""
     accesses: ClassVar[tuple[str, ...]] = ("sample", "batch", "device")
+    own_order: ClassVar[bool] = False  # a peer that streams in its library's order, not ours
 
     def missing(self) -> str | None:
         """Why this format cannot run here (a module it needs does not import), else None."""

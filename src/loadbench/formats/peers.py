@@ -413,6 +413,7 @@ class WebDatasetLibReader(WebDatasetReader):
 @register_format
 class WebDatasetLibPeer(_PeerFormat, RecordFormat):
     name = "webdataset-lib"
+    own_order = True
     summary = "peer: the webdataset library's pipeline + WebLoader over the webdataset shards"
     requires = ("webdataset",)
     install = "webdataset"
@@ -719,6 +720,7 @@ class LitdataReader(SplitReader):
 @register_format
 class LitdataPeer(_PeerFormat):
     name = "litdata"
+    own_order = True
     summary = "peer: Lightning litdata chunks (optimize) + StreamingDataset/StreamingDataLoader"
     requires = ("litdata",)
     install = "litdata"

@@ -289,7 +289,7 @@ class Augmenter:
 
 class _SampleDataset(torch.utils.data.Dataset):
     """`sample` access: one reader call per image. Without augmentation an item stays in the
-    storage dtype and layout, and `_collate` converts the whole batch to float at once; with
+    storage dtype and layout, and `_collate_stored` converts the whole batch to float at once; with
     augmentation each image is converted and augmented in the worker."""
 
     def __init__(self, reader: SplitReader, augmenter: Augmenter | None):
@@ -505,6 +505,8 @@ def make_batches(
             f"{fmt.name} runs its own pipeline with {'/'.join(fmt.accesses)} access only, "
             f"not {access}"
         )
+    if fmt is not None and fmt.own_order and order.mode == "block":
+        raise LoadbenchError(f"{fmt.name} streams in its library's own order; use shuffle exact")
     if access == "device":
         return DeviceBatches(store, split, order, batch_size, device, augmenter)
     reader = store.new_reader(split)
