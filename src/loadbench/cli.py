@@ -142,7 +142,8 @@ def formats() -> None:
             if fmt.peer != peers:
                 continue
             options = "\n".join(_option_line(k, o) for k, o in fmt.options.items())
-            what = fmt.summary + (f"\n[red]{fmt.missing()}[/red]" if fmt.missing() else "")
+            missing = fmt.missing()
+            what = fmt.summary + (f"\n[red]{missing}[/red]" if missing else "")
             table.add_row(fmt.name, ", ".join(fmt.dtypes), what, options or "-")
         stdout.print(table)
 

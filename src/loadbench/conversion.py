@@ -156,8 +156,8 @@ def convert(
     if isinstance(source, str):
         source = load_source(source)
     fmt = get_format(format)
-    if fmt.missing():
-        raise LoadbenchError(fmt.missing())
+    if missing := fmt.missing():
+        raise LoadbenchError(missing)
     options = fmt.resolve_options(dtype, {k: v for k, v in options.items() if v is not None})
     out = os.path.abspath(os.path.expanduser(str(out)))
     identity = store_identity(source, format, dtype, options)

@@ -172,8 +172,8 @@ class Store:
     def new_reader(self, split: str) -> SplitReader:
         """A reader of its own (for a DataLoader), not the one `raw` shares."""
         self._check_split(split)
-        if self.format.missing():
-            raise LoadbenchError(f"cannot read {self.path}: {self.format.missing()}")
+        if missing := self.format.missing():
+            raise LoadbenchError(f"cannot read {self.path}: {missing}")
         reader = self.format.reader(self.path, self.manifest, split)
         reader.device = self.device
         if self.chunk_cache_bytes is not None and hasattr(reader, "cache_bytes"):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats import DTYPES, expand_names, get_format
-from loadbench.training.config import TrainConfig, explain
+from loadbench.training.config import ORDER_DEFAULTS, TrainConfig, explain
 
 # Matrix keys a run sets itself; they may not appear under `train:`.
 MATRIX_KEYS = {"data", "out", "access", "workers", "batch_size", "pin_memory", "epochs", "seed",
@@ -72,11 +72,15 @@ class Experiment(BaseModel):
     access: list[Literal["sample", "batch", "device"]] = Field(default_factory=lambda: ["sample"])
     workers: list[int] = Field(default_factory=lambda: [0])
     shuffle: list[Literal["exact", "block"]] = Field(
-        default_factory=lambda: ["exact"],
+        default_factory=lambda: [ORDER_DEFAULTS["shuffle"]],
         description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
     )
-    shuffle_window: int = Field(8, ge=1, description="block shuffle: chunks mixed together")
-    chunk_cache_mb: int = Field(256, ge=0, description="decoded-chunk cache per process")
+    shuffle_window: int = Field(
+        ORDER_DEFAULTS["shuffle_window"], ge=1, description="block shuffle: chunks mixed together"
+    )
+    chunk_cache_mb: int = Field(
+        ORDER_DEFAULTS["chunk_cache_mb"], ge=0, description="decoded-chunk cache per process"
+    )
     batch_size: int = Field(64, gt=0)
     pin_memory: bool | None = None
     epochs: int = Field(3, gt=0)
@@ -190,9 +194,8 @@ class RunSpec:
         # the runs of older results directories keep their keys.
         later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
                  "chunk_cache_mb": e.chunk_cache_mb}  # fmt: skip
-        defaults = {"shuffle": "exact", "shuffle_window": 8, "chunk_cache_mb": 256}
         return {
-            **{k: v for k, v in later.items() if v != defaults[k]},
+            **{k: v for k, v in later.items() if v != ORDER_DEFAULTS[k]},
             "schema": SCHEMA,
             "dataset": c.dataset.model_dump(),
             "format": c.format,
@@ -254,8 +257,8 @@ def expand(experiment: Experiment) -> list[Cell]:
 
 def _why_not(cell: Cell) -> str | None:
     fmt = get_format(cell.format)
-    if fmt.missing():
-        return fmt.missing()
+    if missing := fmt.missing():
+        return missing
     if cell.access not in fmt.accesses:
         return f"{cell.format} runs its own pipeline with {'/'.join(fmt.accesses)} access only"
     if cell.shuffle != "exact" and fmt.own_order:

@@ -38,7 +38,7 @@ def base_record(spec: dict[str, Any]) -> dict[str, Any]:
         "access": s["access"],
         "workers": s["workers"],
         "cache": s["cache"],
-        "shuffle": s.get("shuffle", "exact"),
+        "shuffle": _order_settings(s)["shuffle"],
         "mode": s["mode"],
         "batch_size": s["batch_size"],
         "epochs_planned": s["epochs"],
@@ -181,11 +181,9 @@ def _order_quality(store, order) -> dict[str, Any] | None:
 
 def _order_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The epoch-order keys of a run's settings, with the defaults of runs that omit them."""
-    return {
-        "shuffle": settings.get("shuffle", "exact"),
-        "shuffle_window": settings.get("shuffle_window", 8),
-        "chunk_cache_mb": settings.get("chunk_cache_mb", 256),
-    }
+    from loadbench.training.config import ORDER_DEFAULTS
+
+    return {key: settings.get(key, default) for key, default in ORDER_DEFAULTS.items()}
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:

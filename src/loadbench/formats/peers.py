@@ -38,7 +38,7 @@ from loadbench.formats.base import (
     register_format,
     to_tensor,
 )
-from loadbench.formats.files import FilesWriter
+from loadbench.formats.files import FilesReader, FilesWriter
 from loadbench.formats.records import SHARD_OPTION, RecordFormat, encoding_options
 from loadbench.formats.webdataset import EXTENSION, WebDatasetReader, WebDatasetWriter
 
@@ -240,14 +240,9 @@ def _gray_loader(path: str):
         return Image.open(f).convert("L")
 
 
-class ImageFolderReader(SplitReader):
-    """`ImageFolder` over the split's class folders; files are named by store index."""
-
-    def __init__(self, root, manifest, split):
-        super().__init__(root, manifest, split)
-        info = manifest.splits[split].model_extra
-        self.dir = os.path.join(root, split)
-        self.class_dirs = info["class_dirs"]
+class ImageFolderReader(FilesReader):
+    """`ImageFolder` over the split's class folders (the `files-*` layout, whose fields it
+    takes from `FilesReader`); files are named by store index."""
 
     def _open(self):
         from torchvision import datasets, transforms

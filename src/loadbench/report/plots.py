@@ -12,7 +12,7 @@ from matplotlib.patches import Patch
 
 from loadbench.formats import ALL_NAMES
 from loadbench.report.data import CONFIG, Results, warm_only
-from loadbench.report.tables import aggregate, config_name
+from loadbench.report.tables import aggregate, config_name, order_suffix
 from loadbench.training.plots import save_png
 
 _PALETTE = [
@@ -135,9 +135,8 @@ def _workers_lines(runs, dataset, path):
     lines = stats.groupby(["format", "dtype", "access", "shuffle"])
     for (fmt, dtype, access, order), part in lines:
         part = part.sort_values("workers")
-        suffix = "" if order == "exact" else f"/{order}-shuffle"
         ax.plot(part["workers"], part["images_per_s"], "o-", color=colour(fmt),
-                label=f"{fmt}/{dtype}/{access}{suffix}")  # fmt: skip
+                label=f"{fmt}/{dtype}/{access}{order_suffix(order)}")  # fmt: skip
     ax.set_xlabel("DataLoader workers")
     ax.set_ylabel("images/s (steady state)")
     ax.set_ylim(bottom=0)

@@ -21,9 +21,13 @@ class Table:
     numbers: pd.DataFrame | None = None  # the values behind the cells
 
 
+def order_suffix(order: str | None) -> str:
+    """How a configuration's name shows its epoch order: nothing for the default exact one."""
+    return "" if order in ("exact", None) else f"/{order}-shuffle"
+
+
 def config_name(row) -> str:
-    order = row.get("shuffle", "exact")
-    suffix = "" if order in ("exact", None) else f"/{order}-shuffle"
+    suffix = order_suffix(row.get("shuffle"))
     return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}{suffix}"
 
 

@@ -14,12 +14,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadbench.errors import LoadbenchError
+from loadbench.formats.base import DEFAULT_CHUNK_CACHE_BYTES
 
 MODEL_OPTION_KEYS = (
     "filters", "widths", "activation", "batch_norm", "dropout", "pool", "head", "hidden",
     "weights", "freeze_backbone", "stem",
 )  # fmt: skip
 AUGMENTATIONS = ("flip", "crop", "rotate", "jitter")
+# The epoch-order keys and their defaults: training's, experiments', and those of benchmark runs
+# recorded before the keys existed.
+ORDER_DEFAULTS = {
+    "shuffle": "exact",
+    "shuffle_window": 8,
+    "chunk_cache_mb": DEFAULT_CHUNK_CACHE_BYTES >> 20,
+}
 
 
 class TrainConfig(BaseModel):
@@ -70,10 +78,15 @@ class TrainConfig(BaseModel):
     access: Literal["sample", "batch", "device"] = "sample"
     workers: int = Field(0, ge=0)
     shuffle: Literal["exact", "block"] = Field(
-        "exact", description="block: chunk-aware order (faster on chunked stores, less random)"
+        ORDER_DEFAULTS["shuffle"],
+        description="block: chunk-aware order (faster on chunked stores, less random)",
     )
-    shuffle_window: int = Field(8, ge=1, description="block shuffle: chunks mixed together")
-    chunk_cache_mb: int = Field(256, ge=0, description="decoded-chunk cache per process")
+    shuffle_window: int = Field(
+        ORDER_DEFAULTS["shuffle_window"], ge=1, description="block shuffle: chunks mixed together"
+    )
+    chunk_cache_mb: int = Field(
+        ORDER_DEFAULTS["chunk_cache_mb"], ge=0, description="decoded-chunk cache per process"
+    )
     pin_memory: bool | None = None
     device: str = "auto"
     amp: bool = False

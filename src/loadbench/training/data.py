@@ -28,6 +28,7 @@ from loadbench.errors import LoadbenchError
 from loadbench.formats.base import DTYPES, SplitReader, to_tensor
 from loadbench.sources.base import stratified_sample
 from loadbench.store import Store
+from loadbench.training.config import ORDER_DEFAULTS
 
 DEFAULT_VAL_RATIO = 0.1
 
@@ -148,7 +149,7 @@ def seeded(transform, image: torch.Tensor, seed: int, epoch: int, index: int) ->
 
 
 DEFAULT_BLOCK = 256  # images per block for `shuffle="block"` on stores without chunks
-DEFAULT_WINDOW = 8  # blocks mixed together by `shuffle="block"`
+DEFAULT_WINDOW = ORDER_DEFAULTS["shuffle_window"]  # blocks mixed by `shuffle="block"`
 
 
 def block_order(indices: np.ndarray, block: int, window: int, rng) -> np.ndarray:
