@@ -235,7 +235,8 @@ def convert(
         typer.Option(
             "--out",
             "-o",
-            help="Store directory (one format) or parent of <format>-<dtype>/ stores.",
+            help="Store directory (one format) or parent of <format>-<dtype>/ stores; or an "
+            "fsspec URL (s3://bucket/prefix; endpoint and credentials from AWS_* variables).",
         ),
     ],
     dtype: Annotated[
@@ -244,6 +245,16 @@ def convert(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a different store at the destination.")
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Processes that convert at once; 0 = one per CPU core. The store is the same "
+            "as with 1. Formats with one writer per split (hdf5, lmdb, some peers) use the "
+            "others to read the source.",
+        ),
+    ] = 1,
     limit: Limit = None,
     remap: Remap = None,
     drop: Drop = None,
@@ -280,11 +291,13 @@ def convert(
       [bold]loadbench convert digits --format all --out stores/[/bold]
       [bold]loadbench convert cifar10:~/data/cifar-10-python.tar.gz -f zarr --compression blosc-zstd -o stores/cifar-zarr[/bold]
       [bold]loadbench convert fashion-mnist:~/fmnist -f npy --dtype float16 --remap 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9' --drop 8 -o stores/fm3[/bold]
+      [bold]AWS_ENDPOINT_URL=http://127.0.0.1:9000 loadbench convert digits -f zarr,webdataset,npy -o s3://bucket/stores[/bold]
     """
     from loadbench import progress
     from loadbench.conversion import convert as convert_one
-    from loadbench.conversion import convert_many, resolve_formats
+    from loadbench.conversion import convert_many, resolve_formats, resolve_jobs
 
+    jobs = resolve_jobs(jobs)  # refused before the source is read
     format_options = {
         "jpeg_quality": jpeg_quality, "jpeg_subsampling": jpeg_subsampling,
         "png_compression": png_compression, "chunk_images": chunk_images,
@@ -302,13 +315,15 @@ def convert(
             err.print(f"[yellow]note:[/yellow] {note}")
         if format.strip() != "all" and len(names) == 1:
             given = {k: v for k, v in format_options.items() if v is not None}
-            stores = [convert_one(src, names[0], out_dir, dtype, overwrite=overwrite, **given)]
+            stores = [
+                convert_one(src, names[0], out_dir, dtype, overwrite=overwrite, jobs=jobs, **given)
+            ]
             rows = [
                 (names[0], stores[0], "exists (same settings): reused" if stores[0].skipped else "")
             ]
         else:
             results = convert_many(
-                src, names, out_dir, dtype, overwrite=overwrite, **format_options
+                src, names, out_dir, dtype, overwrite=overwrite, jobs=jobs, **format_options
             )
             rows = [(r.format, r.store, r.note) for r in results]
     table = Table(title=f"{src.spec} -> {out_dir}")  # paths below are relative to out_dir
@@ -334,7 +349,8 @@ def _mib(n: int) -> str:
 @app.command()
 def verify(
     path: Annotated[
-        str, typer.Argument(help="A store, or a folder of stores (from --format all).")
+        str,
+        typer.Argument(help="A store, or a folder of stores (from --format all); or an s3:// URL."),
     ],
     source: Annotated[
         str | None,
@@ -386,6 +402,11 @@ def verify(
 def _short(store_path: str, given: str) -> str:
     import os
 
+    from loadbench.remote import is_url
+
+    if is_url(store_path) or is_url(given):
+        rel = store_path[len(given.rstrip("/")) :].lstrip("/")
+        return rel or store_path.rstrip("/").rsplit("/", 1)[-1]
     given = os.path.abspath(os.path.expanduser(given))
     rel = os.path.relpath(store_path, given)
     return os.path.basename(store_path) if rel == "." else rel
@@ -451,6 +472,10 @@ Shuffle = Annotated[
 ShuffleWindow = Annotated[int | None, _opt("block shuffle: chunks mixed together (8).", DATA_PANEL)]
 ChunkCache = Annotated[
     int | None, _opt("MiB of decoded chunks cached per process, 0 = off (256).", DATA_PANEL)
+]
+CacheDir = Annotated[
+    str | None,
+    _opt("s3:// stores: read through a local copy kept here (default: read in place).", DATA_PANEL),
 ]
 Device = Annotated[str | None, _opt("auto|cpu|cuda (auto: cuda when present).", RUN_PANEL)]
 SeedOpt = Annotated[int | None, _opt("Seeds Python, NumPy and torch (0).", RUN_PANEL)]
@@ -520,6 +545,7 @@ def train(
     shuffle: Shuffle = None,
     shuffle_window: ShuffleWindow = None,
     chunk_cache_mb: ChunkCache = None,
+    cache_dir: CacheDir = None,
     pin_memory: Annotated[
         bool | None,
         _opt("Pinned host memory (on with CUDA).", DATA_PANEL, "--pin-memory/--no-pin-memory"),
@@ -561,9 +587,11 @@ def train(
       [bold]loadbench train stores/cifar-npy --model cnn-tiny --optimizer sgd --lr 0.001 --momentum 0.9 --epochs 150[/bold]
       [bold]loadbench train stores/cifar-hdf5 --model cnn-blocks --batch-norm --dropout 0.1,0.2,0.3,0.4 --schedule onecycle --augment flip,crop[/bold]
       [bold]loadbench train --resume runs/20261122-101500-cnn-blocks --epochs 30[/bold]
+      [bold]torchrun --nproc-per-node 2 -m loadbench train stores/npy-uint8 --epochs 3[/bold]  (DDP: gloo on CPU, nccl on CUDA)
     """
     from loadbench import progress
     from loadbench.training.config import load_config
+    from loadbench.training.distributed import is_main_process
     from loadbench.training.train import resume_config, summary_line
     from loadbench.training.train import train as run_training
 
@@ -578,7 +606,7 @@ def train(
         "restart_mult": restart_mult, "augment": augment, "normalize": normalize,
         "balance": balance, "val_ratio": val_ratio, "eval_split": eval_split, "access": access,
         "workers": workers, "shuffle": shuffle, "shuffle_window": shuffle_window,
-        "chunk_cache_mb": chunk_cache_mb, "pin_memory": pin_memory,
+        "chunk_cache_mb": chunk_cache_mb, "cache_dir": cache_dir, "pin_memory": pin_memory,
         "early_stopping": early_stopping,
         "kfold": kfold, "device": device, "amp": amp, "compile": compile, "seed": seed,
         "smooth": smooth, "out": out,
@@ -589,6 +617,8 @@ def train(
             _overfit(cfg)
             return
         result = run_training(cfg, resume=bool(resume))
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return
     if cfg.kfold and not resume:
         summary = result.metrics["kfold"]
         stdout.print(

@@ -7,20 +7,23 @@ A store that already exists with the same identity (source, format, dtype, optio
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from loadbench import progress
+from loadbench import parallel, progress
 from loadbench.errors import LoadbenchError
-from loadbench.formats import SplitLayout, expand_names, get_format, to_stored
+from loadbench.formats import DTYPES, SplitLayout, expand_names, get_format, to_stored
+from loadbench.remote import is_url, join
 from loadbench.sources import Source, load_source
 from loadbench.store import (
     MANIFEST,
@@ -146,15 +149,28 @@ def convert(
     dtype: str = "uint8",
     *,
     overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    jobs: int = 1,
     **options: Any,
 ) -> Store:
     """Write `source` into a new store of `format` at `out` and return it opened.
 
     If `out` already holds a store with the same source, format, dtype and options, it is
     reused (`store.skipped` is True). A different store there is an error unless `overwrite`.
+    `out` may be an fsspec URL (`s3://bucket/prefix`): the store is written locally, then
+    uploaded with its manifest last (see `upload.convert_to_url`).
+    `jobs` processes write at once (0: one per CPU core); the store is the same as with one.
     """
     if isinstance(source, str):
         source = load_source(source)
+    if is_url(str(out)):
+        from loadbench.upload import convert_to_url
+
+        return convert_to_url(
+            source, format, str(out), dtype, overwrite=overwrite,
+            storage_options=storage_options or {}, jobs=jobs, **options,
+        )  # fmt: skip
+    jobs = resolve_jobs(jobs)
     fmt = get_format(format)
     if missing := fmt.missing():
         raise LoadbenchError(missing)
@@ -179,7 +195,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        manifest = _write_store(source, fmt, tmp, dtype, options, identity)
+        manifest = _write_store(source, fmt, tmp, dtype, options, identity, jobs)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -211,45 +227,60 @@ def _replace(tmp: str, out: str) -> None:
 
 
 def _write_store(
-    source: Source, fmt, root: str, dtype: str, options: dict, identity: str
+    source: Source, fmt, root: str, dtype: str, options: dict, identity: str, jobs: int = 1
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    writing_s = 0.0  # time inside the format's writer: the conversion cost of the format itself
+    # Time inside the format's writers, summed over processes: the conversion cost of the
+    # format itself, whatever `jobs` was (total_time_s is the wall clock).
+    writing_s = 0.0
     block = checksum_block(source.image_shape)
     splits: dict[str, Any] = {}
-    total = sum(source.count(s) for s in source.splits)
-    with progress.task(f"{source.spec} -> {fmt.name} ({dtype})", total) as advance:
-        for split in source.splits:
-            layout = SplitLayout(
-                root=root,
-                split=split,
-                count=source.count(split),
-                image_shape=source.image_shape,
-                dtype=dtype,
-                options=options,
-                classes=source.classes,
-            )
+    layouts = [
+        SplitLayout(
+            root=root,
+            split=split,
+            count=source.count(split),
+            image_shape=source.image_shape,
+            dtype=dtype,
+            options=options,
+            classes=source.classes,
+        )
+        for split in source.splits
+    ]
+    mode = _parallel_mode(fmt, source, layouts, jobs)
+    tasks = _tasks(mode, fmt, layouts, block, jobs) if mode else []
+    job = _Job(source, fmt, {lay.split: lay for lay in layouts}, block, root, jobs)
+    run = job.write if mode == "ranges" else job.read
+    # Forked before the progress bar starts its thread.
+    with parallel.Workers(jobs, run) if mode else contextlib.nullcontext() as workers:
+        if mode == "ranges":  # what the writers of each split share, before any of them runs
             t0 = time.perf_counter()
-            writer = fmt.writer(layout)
+            os.makedirs(job.scratch)
+            for layout in layouts:
+                fmt.writer_class.prepare(layout)
             writing_s += time.perf_counter() - t0
-            content = ContentHash(block)
-            for images, labels in source.iter_batches(split, block):
-                batch = to_stored(images, dtype)
-                t0 = time.perf_counter()
-                stored = writer.write(batch, labels)
-                writing_s += time.perf_counter() - t0
-                content.update(stored, labels)
-                advance(len(images))
-            t0 = time.perf_counter()
-            extra = writer.close()
-            writing_s += time.perf_counter() - t0
-            labels = source.labels(split)
-            splits[split] = {
-                "count": source.count(split),
-                "label_counts": np.bincount(labels, minlength=len(source.classes)).tolist(),
-                **content.finish(),
-                **extra,
-            }
+        total = sum(layout.count for layout in layouts)
+        with progress.task(f"{source.spec} -> {fmt.name} ({dtype})", total) as advance:
+            results = workers.ordered(tasks, advance, window=2 * jobs) if mode else iter(())
+            for layout in layouts:
+                split = layout.split
+                done = itertools.islice(results, sum(t.split == split for t in tasks))
+                content = ContentHash(block)
+                if mode == "ranges":
+                    extra, seconds = job.join(layout, done, content)
+                else:
+                    batches = (result for _, result in done) if mode else job.batches(split)
+                    extra, seconds = _write_split(fmt, layout, batches, content, advance)
+                writing_s += seconds
+                labels = source.labels(split)
+                splits[split] = {
+                    "count": source.count(split),
+                    "label_counts": np.bincount(labels, minlength=len(source.classes)).tolist(),
+                    **content.finish(),
+                    **extra,
+                }
+    if mode == "ranges":
+        os.rmdir(job.scratch)
     t0 = time.perf_counter()
     fmt.finalize(root, options)
     writing_s += time.perf_counter() - t0
@@ -281,6 +312,159 @@ def _write_store(
     }
 
 
+def _write_split(fmt, layout: SplitLayout, batches, content: ContentHash, advance):
+    """A split written by one writer in this process from (stored images, labels) batches;
+    returns its manifest extras and the seconds spent in the writer."""
+    t0 = time.perf_counter()
+    fmt.writer_class.prepare(layout)
+    writer = fmt.writer(layout)
+    seconds = time.perf_counter() - t0
+    for batch, labels in batches:
+        t0 = time.perf_counter()
+        stored = writer.write(batch, labels)
+        seconds += time.perf_counter() - t0
+        content.update(stored, labels)
+        advance(len(batch))
+    t0 = time.perf_counter()
+    extra = fmt.writer_class.join(layout, [writer.close()])
+    return extra, seconds + time.perf_counter() - t0
+
+
+def resolve_jobs(jobs: int) -> int:
+    """`--jobs`: a number of processes, 0 for one per CPU core."""
+    if jobs < 0:
+        raise LoadbenchError(
+            f"--jobs {jobs}: give a number of processes (1 or more), or 0 for one per CPU core"
+        )
+    return jobs or os.cpu_count() or 1
+
+
+def _parallel_mode(fmt, source: Source, layouts: list[SplitLayout], jobs: int) -> str | None:
+    """How `jobs` processes share a conversion: "ranges" (workers write ranges of whole units of
+    a split, each with a writer of its own), "read" (one writer here, workers read and decode
+    the source for it), or None (this process alone)."""
+    if jobs == 1:
+        return None
+    if not parallel.available():
+        progress.note(f"--jobs {jobs}: processes cannot be forked here; converting with one")
+        return None
+    if all(fmt.writer_class.range_unit(layout) for layout in layouts):
+        return "ranges"
+    if not source.decoded:
+        return "read"
+    progress.note(
+        f"--jobs {jobs}: {fmt.name} writes each split with one writer and the source is already "
+        "in memory, so there is nothing to share; converting with one process"
+    )
+    return None
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Images start..stop-1 of a split, for a worker to write (or to read)."""
+
+    number: int
+    split: str
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"{self.split} images {self.start}-{self.stop - 1}"
+
+
+def _tasks(mode: str, fmt, layouts: list[SplitLayout], block: int, jobs: int) -> list[_Task]:
+    """The ranges workers take one after another, in split order. Written ranges are whole
+    units of the format and about four per worker (at most a checksum block), so that a worker
+    that finishes early takes the next; read ranges are the batches a single writer gets."""
+    tasks: list[_Task] = []
+    for layout in layouts:
+        count = layout.count
+        if mode == "ranges":
+            unit = fmt.writer_class.range_unit(layout)
+            step = unit * max(1, min(block, -(-count // (4 * jobs))) // unit)
+            bounds = [(a, min(a + step, count)) for a in range(0, count, step)] or [(0, 0)]
+        else:
+            bounds = [(a, min(a + block, count)) for a in range(0, count, block)]
+        tasks += [_Task(len(tasks) + k, layout.split, a, b) for k, (a, b) in enumerate(bounds)]
+    return tasks
+
+
+@dataclass
+class _Job:
+    """What the workers of a conversion run. They inherit it through fork: the source is
+    never pickled. A worker that writes a range puts the stored pixels (what a reader will
+    decode) in a scratch file, and the parent hashes them in split order, as one writer would;
+    at most `2 * jobs` ranges wait there at a time."""
+
+    source: Source
+    fmt: Any
+    layouts: dict[str, SplitLayout]
+    block: int
+    root: str
+    jobs: int
+
+    @property
+    def scratch(self) -> str:
+        return os.path.join(self.root, ".parallel-scratch")
+
+    def _scratch_file(self, task: _Task) -> str:
+        return os.path.join(self.scratch, f"{task.number}.raw")
+
+    def batches(self, split: str):
+        """(stored images, labels) batches of a split, read in this process."""
+        dtype = self.layouts[split].dtype
+        for images, labels in self.source.iter_batches(split, self.block):
+            yield to_stored(images, dtype), labels
+
+    def read(self, task: _Task, report: parallel.Report) -> tuple[np.ndarray, np.ndarray]:
+        """In a worker: a batch of the source, decoded and in the storage dtype."""
+        images, labels = self.source.read(task.split, task.start, task.stop)
+        return to_stored(images, self.layouts[task.split].dtype), labels
+
+    def write(self, task: _Task, report: parallel.Report) -> dict[str, Any]:
+        """In a worker: a range written by a writer of its own; its `close()` result and the
+        seconds spent in the writer."""
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)  # this worker's share of the cores
+        layout = self.layouts[task.split]
+        layout = replace(layout, start=task.start, stop=task.stop, threads=threads)
+        t0 = time.perf_counter()
+        writer = self.fmt.writer(layout)
+        seconds = time.perf_counter() - t0
+        with open(self._scratch_file(task), "wb") as scratch:
+            for start in range(task.start, task.stop, self.block):
+                stop = min(start + self.block, task.stop)
+                images, labels = self.source.read(task.split, start, stop)
+                batch = to_stored(images, layout.dtype)
+                t0 = time.perf_counter()
+                stored = writer.write(batch, labels)
+                seconds += time.perf_counter() - t0
+                scratch.write(np.ascontiguousarray(stored, dtype=DTYPES[layout.dtype]).data)
+                report(len(batch))
+            t0 = time.perf_counter()
+            part = writer.close()
+            seconds += time.perf_counter() - t0
+        return {"part": part, "writing_s": seconds}
+
+    def join(self, layout: SplitLayout, done, content: ContentHash) -> tuple[dict[str, Any], float]:
+        """In the parent: a split's written ranges, in order, hashed from their scratch files
+        and joined into its manifest extras; and the seconds spent in writers."""
+        parts, seconds = [], 0.0
+        labels = self.source.labels(layout.split)
+        shape, dtype = layout.image_shape, DTYPES[layout.dtype]
+        for task, result in done:
+            with open(self._scratch_file(task), "rb") as scratch:
+                for start in range(task.start, task.stop, self.block):
+                    n = min(self.block, task.stop - start)
+                    stored = np.fromfile(scratch, dtype=dtype, count=n * int(np.prod(shape)))
+                    content.update(stored.reshape(n, *shape), labels[start : start + n])
+            os.remove(self._scratch_file(task))
+            parts.append(result["part"])
+            seconds += result["writing_s"]
+        t0 = time.perf_counter()
+        extra = self.fmt.writer_class.join(layout, parts)
+        return extra, seconds + time.perf_counter() - t0
+
+
 @dataclass
 class Converted:
     format: str
@@ -302,10 +486,17 @@ def convert_many(
     dtype: str = "uint8",
     *,
     overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    jobs: int = 1,
     **options: Any,
 ) -> list[Converted]:
     """One store per format under `out_dir/<format>-<dtype>`; formats that cannot hold the
-    dtype are skipped with a note. An option that none of the formats takes is an error."""
+    dtype are skipped with a note. An option that none of the formats takes is an error.
+
+    Formats are converted one after another, each with `jobs` processes: the costly formats
+    (image files, encoded records, compressed chunks) are the ones that write in parallel.
+    """
+    jobs = resolve_jobs(jobs)
     if isinstance(source, str):
         source = load_source(source)
     names = resolve_formats(formats) if isinstance(formats, str) else list(formats)
@@ -315,16 +506,20 @@ def convert_many(
     if unused:
         raise LoadbenchError(f"option {', '.join(unused)} applies to none of {', '.join(names)}")
     if len(fmts) > 1:
-        source = source.in_memory()  # read or decode the source once, not once per format
+        # Read or decode the source once, not once per format (with `jobs` processes).
+        source = source.in_memory(jobs=jobs)
     results = []
     for fmt in fmts:
         if dtype not in fmt.dtypes:
             note = f"skipped: {fmt.name} stores {'/'.join(fmt.dtypes)} only"
             results.append(Converted(fmt.name, "", None, note))
             continue
-        path = os.path.join(out_dir, store_name(fmt.name, dtype))
+        path = join(out_dir, store_name(fmt.name, dtype))
         own = {k: v for k, v in given.items() if k in fmt.options}
-        store = convert(source, fmt.name, path, dtype, overwrite=overwrite, **own)
+        store = convert(
+            source, fmt.name, path, dtype, overwrite=overwrite,
+            storage_options=storage_options, jobs=jobs, **own,
+        )  # fmt: skip
         note = "exists (same source and settings): reused" if store.skipped else ""
         results.append(Converted(fmt.name, path, store, note))
     return results

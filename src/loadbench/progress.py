@@ -21,6 +21,7 @@ _enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("loadbench_progr
 _active: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
     "loadbench_progress_active", default=None
 )
+_notes: contextvars.ContextVar[bool] = contextvars.ContextVar("loadbench_notes", default=False)
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -35,12 +36,22 @@ console = make_console(stderr=True)
 
 @contextlib.contextmanager
 def enabled(on: bool | None = None) -> Iterator[None]:
-    """Show progress bars for the steps run inside this block (default: when on a terminal)."""
+    """Show progress bars for the steps run inside this block (default: when on a terminal),
+    and `note`s (always)."""
     token = _enabled.set(console.is_terminal if on is None else on)
+    notes = _notes.set(True)
     try:
         yield
     finally:
         _enabled.reset(token)
+        _notes.reset(notes)
+
+
+def note(text: str) -> None:
+    """A one-line note for the user on stderr, inside `enabled` (the CLI); silent in library
+    use, like the progress bars."""
+    if _notes.get():
+        console.print(f"[yellow]note:[/yellow] {text}")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from loadbench.errors import CorruptStoreError, LoadbenchError
 from loadbench.formats import ALL_NAMES, DTYPES, get_format
 from loadbench.formats.base import SplitReader, to_tensor
+from loadbench.remote import StoreFiles, is_url, join
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -83,6 +84,11 @@ def read_manifest(path: str) -> Manifest:
         raise CorruptStoreError(
             f"{file} is not readable JSON ({e}); convert the store again"
         ) from None
+    return parse_manifest(data, file)
+
+
+def parse_manifest(data: Any, file: str) -> Manifest:
+    """The manifest in `data` (JSON already parsed), checked; `file` names it in errors."""
     if not isinstance(data, dict) or "loadbench_store" not in data:
         raise LoadbenchError(
             f"{file} was not written by loadbench (no 'loadbench_store' key); "
@@ -118,6 +124,19 @@ def find_stores(path: str) -> list[str]:
     return sorted(found)
 
 
+def find_remote_stores(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """`url` when it is a store, else the stores directly under it (URLs, sorted)."""
+    files = StoreFiles(url, storage_options)
+    with files.errors():
+        fs = files.fs
+        if fs.exists(files.remote_path(MANIFEST)):
+            return [files.root]
+        base = files.remote_path("").rstrip("/")
+        found = fs.glob(f"{base}/*/{MANIFEST}")
+    protocol = url.partition("://")[0]
+    return sorted(f"{protocol}://{p[: -len(MANIFEST) - 1]}" for p in found)
+
+
 def check_files(path: str, manifest: Manifest) -> None:
     """Every file the manifest lists exists with the recorded size (catches truncation)."""
     for rel, size in manifest.files.items():
@@ -135,11 +154,60 @@ def check_files(path: str, manifest: Manifest) -> None:
             )
 
 
+def read_remote_manifest(files: StoreFiles) -> Manifest:
+    """The manifest of a store on object storage (always read from there, never cached)."""
+    url = join(files.root, MANIFEST)
+    with files.errors():
+        fs = files.fs
+        if not fs.exists(files.remote_path(MANIFEST)):
+            bucket = files.remote_path("").strip("/").split("/")[0]
+            if not fs.exists(bucket):
+                raise LoadbenchError(
+                    f"{files.root}: bucket {bucket!r} does not exist (or is not visible with "
+                    "these credentials); create it or check the URL"
+                )
+            raise LoadbenchError(
+                f"{files.root} is not a loadbench store: it has no {MANIFEST}; create one with "
+                f"`loadbench convert SOURCE --format FORMAT --out {files.root}`"
+            )
+        raw = fs.cat_file(files.remote_path(MANIFEST))
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStoreError(
+            f"{url} is not readable JSON ({e}); convert the store again"
+        ) from None
+    return parse_manifest(data, url)
+
+
+def check_remote_files(files: StoreFiles, manifest: Manifest) -> None:
+    """Every file the manifest lists exists on object storage with the recorded size."""
+    base = files.remote_path("").rstrip("/")
+    with files.errors():
+        found = files.fs.find(base, detail=True)
+    sizes = {name[len(base) + 1 :]: info.get("size") for name, info in found.items()}
+    for rel, size in manifest.files.items():
+        if rel not in sizes:
+            raise CorruptStoreError(
+                f"store {files.root} is damaged: {rel} is missing; convert the store again"
+            )
+        if sizes[rel] != size:
+            raise CorruptStoreError(
+                f"store {files.root} is damaged: {rel} is {sizes[rel]} bytes, the manifest "
+                f"says {size}; convert the store again"
+            )
+
+
 class Store:
     """An opened store. `dataset(split)` is a torch Dataset; `read_batch` is the batch fast path."""
 
-    def __init__(self, path: str, manifest: Manifest, device: str | None = None):
+    def __init__(
+        self, path: str, manifest: Manifest, device: str | None = None,
+        files: StoreFiles | None = None,
+    ):  # fmt: skip
         self.path = path
+        # Where the files are: this directory, or object storage (+ a read-through cache).
+        self.files = files if files is not None else StoreFiles(path)
         self.manifest = manifest
         self.device = device  # where device-resident formats (tensor) load; None = auto
         self.format = get_format(manifest.format)
@@ -176,6 +244,7 @@ class Store:
             raise LoadbenchError(f"cannot read {self.path}: {missing}")
         reader = self.format.reader(self.path, self.manifest, split)
         reader.device = self.device
+        reader.files = self.files
         if self.chunk_cache_bytes is not None and hasattr(reader, "cache_bytes"):
             reader.cache_bytes = self.chunk_cache_bytes
         return reader
@@ -256,6 +325,7 @@ class MemoryStore(Store):
                 self.arrays[split] = source.split(split)
                 advance(1)
         self.path = f"<memory:{source.spec}>"
+        self.files = StoreFiles(self.path)
         self.manifest = None
         self.device = None
         self.format = None
@@ -273,10 +343,13 @@ class MemoryStore(Store):
         return ArrayReader(*self.arrays[split], split)
 
 
-def open_data(spec_or_path: str, device: str | None = None) -> Store:
-    """A store directory opened with `open_store`, or else a source spec held in memory."""
+def open_data(spec_or_path: str, device: str | None = None, cache_dir: str | None = None) -> Store:
+    """A store directory or URL opened with `open_store`, or else a source spec held in
+    memory."""
     from loadbench.sources import load_source
 
+    if is_url(str(spec_or_path)):
+        return open_store(str(spec_or_path), device, cache_dir=cache_dir)
     path = os.path.expanduser(str(spec_or_path))
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
         return open_store(path, device)
@@ -285,22 +358,49 @@ def open_data(spec_or_path: str, device: str | None = None) -> Store:
     return MemoryStore(load_source(str(spec_or_path)))
 
 
-def open_store(path: str, device: str | None = None) -> Store:
+def open_store(
+    path: str,
+    device: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Store:
     """Open a store written by `loadbench convert`, after checking its manifest and files.
 
-    `device` is where device-resident formats (`tensor`) load: "cuda", "cpu", or None for
-    CUDA when available.
+    `path` is a directory or an fsspec URL (`s3://bucket/prefix/store`); a remote store is read
+    in place, or through a local read-through copy under `cache_dir` when given. Credentials
+    and the endpoint come from the environment (AWS_*) or `storage_options`. `device` is where
+    device-resident formats (`tensor`) load: "cuda", "cpu", or None for CUDA when available.
     """
+    if is_url(str(path)):
+        return _open_remote(str(path), device, cache_dir, storage_options or {})
     path = os.path.abspath(os.path.expanduser(str(path)))
     manifest = read_manifest(path)
+    _check_version(path, manifest)
+    check_files(path, manifest)
+    return Store(path, manifest, device)
+
+
+def _check_version(path: str, manifest: Manifest) -> None:
     fmt = get_format(manifest.format)
     if manifest.format_version != fmt.version:
         raise LoadbenchError(
             f"store {path} has {manifest.format} layout version {manifest.format_version}, this "
             f"loadbench reads version {fmt.version}; convert the store again"
         )
-    check_files(path, manifest)
-    return Store(path, manifest, device)
+
+
+def _open_remote(url: str, device, cache_dir, options) -> Store:
+    files = StoreFiles(url, options, cache_dir)
+    manifest = read_remote_manifest(files)
+    _check_version(url, manifest)
+    if get_format(manifest.format).peer:
+        raise LoadbenchError(
+            f"{url}: {manifest.format} is a peer loader, which reads local stores only"
+        )
+    check_remote_files(files, manifest)
+    files = StoreFiles(url, options, cache_dir, manifest.identity, manifest.files)
+    return Store(files.root, manifest, device, files)
 
 
 def now_iso() -> str:

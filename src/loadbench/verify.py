@@ -20,8 +20,9 @@ from loadbench import progress
 from loadbench.conversion import ContentHash
 from loadbench.errors import LoadbenchError
 from loadbench.formats import to_stored, to_uint8
+from loadbench.remote import is_url
 from loadbench.sources import Source, load_source
-from loadbench.store import Store, find_stores, open_store
+from loadbench.store import Store, find_remote_stores, find_stores, open_store
 
 DEFAULT_PSNR_DB = 30.0
 
@@ -53,7 +54,13 @@ class SplitCheck:
 def verify_path(
     path: str, source: str | Source | None = None, psnr_threshold_db: float = DEFAULT_PSNR_DB
 ) -> list[SplitCheck]:
-    """Verify one store, or every store directly inside a folder."""
+    """Verify one store, or every store directly inside a folder (or under a URL prefix)."""
+    if is_url(str(path)):
+        paths = find_remote_stores(str(path))
+        if not paths:
+            raise LoadbenchError(f"{path} is neither a store nor a prefix of stores")
+        sources: dict[str, Source] = {}
+        return [c for p in paths for c in _verify_or_report(p, source, psnr_threshold_db, sources)]
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.isdir(path):
         raise LoadbenchError(f"no store at {path}: not a directory")
@@ -109,7 +116,7 @@ def verify_store(
     src = source_for(store, source) if source is not None else None
     checks = []
     total = sum(info.count for info in m.splits.values())
-    with progress.task(f"verify {os.path.basename(store.path)}", total) as advance:
+    with progress.task(f"verify {store.path.rstrip('/').rsplit('/', 1)[-1]}", total) as advance:
         for split, info in m.splits.items():
             check = SplitCheck(store.path, m.format, m.dtype, split, info.count)
             try:

@@ -15,6 +15,7 @@ repeats, and the training every run does. Validated with pydantic; expanded into
     cache: warm                                  # warm | cold | both
     mode: train                                  # train | loader-only
     train: {model: cnn-blocks, batch_norm: true} # the keys of `loadbench train`
+    distributed: {nproc_per_node: 2}             # optional: each run under torchrun (DDP)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats import DTYPES, expand_names, get_format
+from loadbench.remote import is_url, storage_options
 from loadbench.training.config import ORDER_DEFAULTS, TrainConfig, explain
 
 # Matrix keys a run sets itself; they may not appear under `train:`.
@@ -57,6 +59,66 @@ class Dataset(BaseModel):
         if kind == "synthetic":
             return rest  # the preset
         return f"{kind}:{os.path.basename(rest.rstrip('/'))}"
+
+
+class Storage(BaseModel):
+    """Where a run's stores live: the local stores directory, or object storage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        "local", description="'local' (the stores directory) or an fsspec URL prefix (s3://b/p)"
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)"
+    )
+    cache_dir: str | None = Field(
+        None, description="read through a local copy kept here (default: read in place)"
+    )
+    retries: int | None = Field(None, ge=0, description="attempts per request, with backoff")
+    name: str | None = Field(None, description="label in results (default: from the URL)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value != "local" and not is_url(value):
+            raise ValueError(f"{value!r} is neither 'local' nor a URL such as s3://bucket/prefix")
+        return value.rstrip("/")
+
+    @property
+    def local(self) -> bool:
+        return self.url == "local"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.local:
+            return "local"
+        return self.url.partition("://")[0] + ("+cache" if self.cache_dir else "")
+
+    def options(self) -> dict[str, Any]:
+        return storage_options(self.endpoint_url, self.retries)
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the storage in a run's key: not the cache's path, nor the name."""
+        return {"url": self.url, "endpoint_url": self.endpoint_url,
+                "read_through": self.cache_dir is not None, "retries": self.retries}  # fmt: skip
+
+
+class Distributed(BaseModel):
+    """Each run under torchrun: DDP over `nproc_per_node` processes on each of `nnodes` nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nproc_per_node: int = Field(ge=1, description="processes (ranks) per node")
+    nnodes: int = Field(
+        1, ge=1, description="nodes; more than 1 needs LOADBENCH_RDZV_ENDPOINT=host:port"
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 class Experiment(BaseModel):
@@ -90,10 +152,17 @@ class Experiment(BaseModel):
     mode: Literal["train", "loader-only"] = "train"
     device: str = "auto"
     train: dict[str, Any] = Field(default_factory=dict, description="keys of `loadbench train`")
+    storage: list[Storage] = Field(
+        default_factory=lambda: [Storage()],
+        description="where the stores are: local and/or object storage, compared in one report",
+    )
     timeout_s: float = Field(1800, gt=0, description="a run taking longer is stopped and failed")
     sample_period_s: float = Field(0.2, gt=0, description="telemetry sampling period")
     fresh_interpreter: bool = Field(
         False, description="a new Python per run, instead of a fork of a clean template"
+    )
+    distributed: Distributed | None = Field(
+        None, description="run each run under torchrun (DDP), e.g. {nproc_per_node: 2}"
     )
 
     @field_validator("formats")
@@ -103,6 +172,12 @@ class Experiment(BaseModel):
             return expand_names(value)
         except LoadbenchError as e:
             raise ValueError(str(e)) from None
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        return [{"url": v} if isinstance(v, str) else v for v in items]
 
     @field_validator("workers")
     @classmethod
@@ -164,14 +239,16 @@ class Cell:
     workers: int
     cache: str
     shuffle: str = "exact"
+    storage: Storage = field(default_factory=Storage)
     skip: str | None = None  # why this combination is not run
 
     @property
     def label(self) -> str:
         order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
+        where = "" if self.storage.local else f" @{self.storage.label}"
         return (
             f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
-            f"{order} {self.cache}"
+            f"{order} {self.cache}{where}"
         )
 
 
@@ -194,8 +271,11 @@ class RunSpec:
         # the runs of older results directories keep their keys.
         later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
                  "chunk_cache_mb": e.chunk_cache_mb}  # fmt: skip
+        remote = {} if c.storage.local else {"storage": c.storage.key()}
         return {
             **{k: v for k, v in later.items() if v != ORDER_DEFAULTS[k]},
+            **remote,
+            **({"distributed": e.distributed.model_dump()} if e.distributed else {}),
             "schema": SCHEMA,
             "dataset": c.dataset.model_dump(),
             "format": c.format,
@@ -229,6 +309,7 @@ class RunSpec:
                 "workers": self.cell.workers,
                 "cache": self.cell.cache,
                 "shuffle": self.cell.shuffle,
+                "storage": self.cell.storage.model_dump(),
             },
         }
 
@@ -249,13 +330,23 @@ def expand(experiment: Experiment) -> list[Cell]:
                     for workers in experiment.workers:
                         for shuffle in experiment.shuffle:
                             for cache in experiment.cache_states():
-                                cell = Cell(dataset, fmt, dtype, access, workers, cache, shuffle)
-                                cell.skip = _why_not(cell)
-                                cells.append(cell)
+                                for storage in experiment.storage:
+                                    cell = Cell(dataset, fmt, dtype, access, workers, cache,
+                                                shuffle, storage)  # fmt: skip
+                                    options = experiment.format_options.get(fmt, {})
+                                    cell.skip = _why_not(cell, options)
+                                    cells.append(cell)
+    if experiment.distributed is not None:
+        for cell in cells:
+            if cell.skip is None and get_format(cell.format).peer:
+                cell.skip = (
+                    f"{cell.format} runs its library's own loader, which is not sharded across "
+                    "torchrun's processes"
+                )
     return cells
 
 
-def _why_not(cell: Cell) -> str | None:
+def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
     fmt = get_format(cell.format)
     if missing := fmt.missing():
         return missing
@@ -268,6 +359,11 @@ def _why_not(cell: Cell) -> str | None:
         )
     if cell.dtype not in fmt.dtypes:
         return f"{cell.format} stores {'/'.join(fmt.dtypes)} only"
+    if not cell.storage.local:
+        if fmt.peer:
+            return f"{cell.format} is a peer loader, which reads local stores only"
+        if fmt.needs_local_file(options) and not cell.storage.cache_dir:
+            return f"{cell.format} reads a real file: on object storage it needs storage.cache_dir"
     if cell.access == "device" and cell.workers:
         return "device access uses no DataLoader workers (run with workers 0)"
     if cell.dtype not in DTYPES:

@@ -28,6 +28,7 @@ from loadbench.bench.env import environment
 from loadbench.bench.experiment import SCHEMA, Cell, Experiment, RunSpec, expand, plan_runs
 from loadbench.bench.worker import base_record, clean, now
 from loadbench.errors import LoadbenchError
+from loadbench.remote import join
 
 RUNS = "runs.jsonl"
 
@@ -104,10 +105,17 @@ def _write(path: str, text: str) -> None:
 
 
 def store_dir_for(stores_dir: str, cell: Cell, source, options: dict) -> str:
+    """The store's directory under `stores_dir`, or its URL under the cell's object storage."""
     identity = json.dumps([source.identity, options], sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
     slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in cell.dataset.label)[:40]
-    return os.path.join(stores_dir, f"{slug}-{digest}", f"{cell.format}-{cell.dtype}")
+    base = stores_dir if cell.storage.local else cell.storage.url
+    return join(base, f"{slug}-{digest}", f"{cell.format}-{cell.dtype}")
+
+
+def _store_key(cell: Cell) -> tuple:
+    storage = cell.storage
+    return (cell.dataset.source, cell.format, cell.dtype, storage.url, storage.endpoint_url)
 
 
 def run_experiment(
@@ -138,7 +146,7 @@ def run_experiment(
             progress.task(f"bench {experiment.name}", len(pending)) as advance,
         ):
             for number, spec in enumerate(pending, 1):
-                store = stores[(spec.cell.dataset.source, spec.cell.format, spec.cell.dtype)]
+                store = stores[_store_key(spec.cell)]
                 too_big = _device_too_small(spec, store)
                 if too_big:
                     if spec.repeat == 0:
@@ -148,6 +156,9 @@ def run_experiment(
                 label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
                 progress.console.print(f"[dim]{label}[/dim]", highlight=False)
                 record = _one_run(spec, store, scratch, processes)
+                if record is None:  # a multi-node run recorded by the node of its rank 0
+                    advance(1)
+                    continue
                 append_run(results_dir, record)
                 if record["status"] == "ok":
                     outcome.ok += 1
@@ -173,7 +184,7 @@ def convert_stores(
     sources: dict[str, Any] = {}
     for spec in pending:
         cell = spec.cell
-        key = (cell.dataset.source, cell.format, cell.dtype)
+        key = _store_key(cell)
         if key in stores:
             continue
         try:
@@ -184,8 +195,13 @@ def convert_stores(
             source = sources[ds.source]
             options = experiment.format_options.get(cell.format, {})
             path = store_dir_for(stores_dir, cell, source, options)
-            with progress.task(f"store {cell.dataset.label} {cell.format}/{cell.dtype}", None):
-                store = convert(source, cell.format, path, cell.dtype, **options)
+            where = "" if cell.storage.local else f" @{cell.storage.label}"
+            what = f"store {cell.dataset.label} {cell.format}/{cell.dtype}{where}"
+            with progress.task(what, None):
+                store = convert(
+                    source, cell.format, path, cell.dtype,
+                    storage_options=cell.storage.options(), **options,
+                )  # fmt: skip
             m = store.manifest
             stores[key] = {
                 "path": store.path,
@@ -314,12 +330,18 @@ def _kill_group(pid: int) -> None:
 
 
 def launcher(experiment: Experiment, python: str):
+    if experiment.distributed is not None:  # each run under torchrun (bench/torchrun.py)
+        from loadbench.bench.torchrun import Torchrun
+
+        return Torchrun(python, experiment.distributed)
     if experiment.fresh_interpreter or not hasattr(os, "fork"):
         return FreshInterpreters(python)
     return Template(python)
 
 
-def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> dict[str, Any]:
+def _one_run(
+    spec: RunSpec, store: dict[str, Any], scratch: str, processes
+) -> dict[str, Any] | None:
     if "error" in store:
         record = base_record(spec.to_json())
         record.update({"status": "failed", "error": store["error"], "finished": now()})
@@ -334,7 +356,9 @@ def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> d
     started = time.perf_counter()
     returncode = processes.run(spec_file, result_file, log_file, spec.experiment.timeout_s)
     with open(log_file, encoding="utf-8", errors="replace") as f:
-        stderr = f.read()[-4000:]
+        log = f.read()
+    stderr = log[-4000:]
+    wrote_result = os.path.isfile(result_file)
     if os.path.isfile(result_file):
         with open(result_file, encoding="utf-8") as f:
             record = json.load(f)
@@ -354,5 +378,11 @@ def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> d
             "status": "failed", "error": why + (f": {' | '.join(tail)}" if tail else ""),
             "finished": now(),
         })  # fmt: skip
+    if spec.experiment.distributed is not None:  # torchrun's verdict on every rank
+        from loadbench.bench.torchrun import settle
+
+        record = settle(record, returncode, log, wrote_result, spec.experiment.distributed.nnodes)
+        if record is None:
+            return None
     record["wall_s"] = time.perf_counter() - started
     return record

@@ -63,10 +63,11 @@ class Gpu:
 class Sampler:
     """Samples the process tree rooted at `pid` (default: this process) in a daemon thread."""
 
-    def __init__(self, period_s: float = 0.2, pid: int | None = None, gpu: bool = True):
+    def __init__(self, period_s: float = 0.2, pid: int | None = None, gpu: bool = True,
+                 gpu_index: int = 0):  # fmt: skip
         self.period_s = period_s
         self.root = psutil.Process(pid)
-        self.gpu = Gpu(enabled=gpu)
+        self.gpu = Gpu(gpu_index, enabled=gpu)  # a DDP rank reads its own GPU
         self._processes: dict[int, psutil.Process] = {}
         self._seen_cpu: dict[int, float] = {}  # pid -> last cpu seconds (user + system)
         self._seen_read: dict[int, int] = {}  # pid -> last bytes read from storage

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 SCHEMA = 1
+RANK_FAILED = "loadbench: failed on rank"  # a rank's error line in torchrun's log
 
 
 def now() -> str:
@@ -39,6 +40,7 @@ def base_record(spec: dict[str, Any]) -> dict[str, Any]:
         "workers": s["workers"],
         "cache": s["cache"],
         "shuffle": _order_settings(s)["shuffle"],
+        "storage": _storage(spec)["label"],
         "mode": s["mode"],
         "batch_size": s["batch_size"],
         "epochs_planned": s["epochs"],
@@ -58,18 +60,23 @@ def execute(spec: dict[str, Any]) -> dict[str, Any]:
 
     from loadbench.bench.pagecache import evict
     from loadbench.bench.telemetry import Sampler
+    from loadbench.training.distributed import setup
     from loadbench.training.loop import resolve_device
 
     s = spec["settings"]
     record = base_record(spec)
-    if s["cache"] == "cold":
-        record["eviction"] = evict(spec["store_path"])
-    device = resolve_device(s["device"])
+    dist = setup(resolve_device(s["device"]))  # torchrun's process group, when under it
+    device = dist.place(resolve_device(s["device"]))
+    if s["cache"] == "cold" and dist.local_rank == 0:  # once per machine
+        remote = _storage(spec)["url"] != "local"
+        record["eviction"] = evict_read_through(spec) if remote else evict(spec["store_path"])
+    dist.barrier()  # no rank reads before the eviction
+    record["world_size"] = dist.world
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     period = spec["experiment"]["sample_period_s"]
     started = time.perf_counter()
-    with Sampler(period) as sampler:
+    with Sampler(period, gpu_index=device.index or 0) as sampler:
         if s["mode"] == "train":
             _train(spec, record, sampler, device, started)
         else:
@@ -90,25 +97,73 @@ def _sampler_cost(epochs: list[dict[str, Any]], period: float) -> dict[str, Any]
     return {"period_s": period, "busy_s": busy, "fraction_of_epochs": busy / wall if wall else None}
 
 
-def _train(spec, record, sampler, device, started) -> None:
+def _storage(spec: dict[str, Any]) -> dict[str, Any]:
+    """The run's storage (older specs have none: local), with its label."""
+    from loadbench.bench.experiment import Storage
+
+    storage = Storage.model_validate(spec.get("cell", {}).get("storage") or {})
+    return {**storage.model_dump(), "label": storage.label, "options": storage.options()}
+
+
+def open_run_store(spec: dict[str, Any], device):
+    """The run's store: a local directory, or object storage read in place or through the
+    storage's read-through cache."""
     from loadbench.store import open_store
+
+    storage = _storage(spec)
+    if storage["url"] == "local":
+        return open_store(spec["store_path"], device=str(device))
+    return open_store(
+        spec["store_path"], device=str(device), cache_dir=storage["cache_dir"],
+        storage_options=storage["options"],
+    )  # fmt: skip
+
+
+def evict_read_through(spec: dict[str, Any]) -> dict[str, Any]:
+    """A cold run on object storage starts with the store's read-through copy deleted (there
+    is no page cache of the network to drop)."""
+    import shutil
+
+    store = open_run_store(spec, "cpu")
+    if not store.files.cached:
+        return {"read_through_cleared_bytes": 0}
+    root = store.files.cache_root
+    size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(root) for n in names)
+    shutil.rmtree(root, ignore_errors=True)
+    return {"read_through_cleared_bytes": size}
+
+
+def _cache_window(store, since: dict[str, int] | None) -> dict[str, Any]:
+    """The read-through cache's counts since `since` (empty for stores without one)."""
+    stats = store.files.cache_stats(since)
+    return {} if stats is None else {"read_through": stats}
+
+
+def _train(spec, record, sampler, device, started) -> None:
     from loadbench.training.config import TrainConfig
     from loadbench.training.loop import Run
     from loadbench.training.metrics import classification_report
 
     s = spec["settings"]
-    store = open_store(spec["store_path"], device=str(device))
+    store = open_run_store(spec, device)
     config = TrainConfig(
         data=spec["store_path"], access=s["access"], workers=s["workers"],
         batch_size=s["batch_size"], pin_memory=s["pin_memory"], epochs=s["epochs"],
         seed=spec["seed"], device=s["device"], **_order_settings(s), **s["train"],
     )  # fmt: skip
     record["epochs"] = []
+    counts = {"since": store.files.counters.snapshot() if store.files.cached else None}
+
+    def telemetry() -> dict[str, Any]:  # every rank, each epoch: its entry of `ranks` under DDP
+        window = _cache_window(store, counts["since"])
+        if store.files.cached:
+            counts["since"] = store.files.counters.snapshot()
+        return {**sampler.window(), **window}
 
     def on_epoch(epoch_record: dict[str, Any]) -> None:
-        record["epochs"].append({**epoch_record, **sampler.window()})
+        record["epochs"].append(epoch_record)
 
-    run = Run(config, store, out_dir=None, callbacks=(on_epoch,))
+    run = Run(config, store, out_dir=None, callbacks=(on_epoch,), epoch_extras=telemetry)
     record["order_quality"] = _order_quality(store, run.train_order)
     run.maybe_compile()
     record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
@@ -130,11 +185,19 @@ def _loader_only(spec, record, sampler, device, started) -> None:
     of a format and access mode."""
     import torch
 
-    from loadbench.store import open_store
-    from loadbench.training.data import EpochOrder, labels_of, make_batches, plan_splits, shutdown
+    from loadbench.training.data import (
+        EpochOrder,
+        Shard,
+        labels_of,
+        make_batches,
+        plan_splits,
+        shutdown,
+    )
+    from loadbench.training.distributed import gather_epoch, setup
 
+    dist = setup(device)  # the process group `execute` started, if any
     s = spec["settings"]
-    store = open_store(spec["store_path"], device=str(device))
+    store = open_run_store(spec, device)
     order_settings = _order_settings(s)
     store.chunk_cache_bytes = order_settings["chunk_cache_mb"] << 20
     plan = plan_splits(store, seed=spec["seed"])
@@ -147,12 +210,13 @@ def _loader_only(spec, record, sampler, device, started) -> None:
     batches = make_batches(
         store, "train", order, access=s["access"], batch_size=s["batch_size"],
         workers=s["workers"], pin_memory=pin and s["access"] != "device", device=device,
-        augmenter=None,
+        augmenter=None, shard=Shard(dist.rank, dist.world) if dist.active else None,
     )  # fmt: skip
     record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
     record["epochs"] = []
     for epoch in range(1, s["epochs"] + 1):
         order.set_epoch(epoch)
+        since = store.files.counters.snapshot() if store.files.cached else None
         t0 = time.perf_counter()
         first, images_seen = None, 0
         for images, labels in batches:
@@ -164,11 +228,13 @@ def _loader_only(spec, record, sampler, device, started) -> None:
                 first = time.perf_counter() - t0
             images_seen += len(labels)
         elapsed = time.perf_counter() - t0
-        record["epochs"].append({
+        mine = {
             "epoch": epoch, "time_s": elapsed, "data_wait_s": elapsed, "compute_s": 0.0,
             "images_per_s": images_seen / elapsed if elapsed else 0.0,
-            "first_batch_s": first or 0.0, **sampler.window(),
-        })  # fmt: skip
+            "first_batch_s": first or 0.0, "images": images_seen,
+        }  # fmt: skip
+        telemetry = {**sampler.window(), **_cache_window(store, since)}
+        record["epochs"].append(gather_epoch(dist, mine, telemetry))  # + `ranks` under DDP
     shutdown(batches)
     first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
     record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
@@ -211,7 +277,15 @@ def clean(value: Any) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    """Under torchrun every rank runs this; rank 0 alone writes RESULT, and another rank that
+    fails says so on stderr (torchrun's log, which the runner reads)."""
+    from loadbench.training.distributed import is_main_process, under_torchrun
+
     spec_path, result_path = argv
+    if under_torchrun():
+        from loadbench.bench.zygote import die_with_parent
+
+        die_with_parent()  # a rank does not go on computing alone when torchrun is killed
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     try:
@@ -219,16 +293,22 @@ def main(argv: list[str]) -> int:
     except BaseException as e:  # the runner records the failure; the experiment goes on
         from loadbench.errors import LoadbenchError
 
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, LoadbenchError) else str(e)
+        if not is_main_process():
+            traceback.print_exc()
+            print(f"{RANK_FAILED} {os.environ['RANK']}: {error}", file=sys.stderr, flush=True)
+            return 1
         record = base_record(spec)
         record.update({
             "status": "failed",
-            "error": f"{type(e).__name__}: {e}" if not isinstance(e, LoadbenchError) else str(e),
+            "error": error,
             "traceback": traceback.format_exc()[-4000:],
             "finished": now(),
         })  # fmt: skip
         write_json_atomic(result_path, record)
         return 1
-    write_json_atomic(result_path, record)
+    if is_main_process():
+        write_json_atomic(result_path, record)
     return 0
 
 

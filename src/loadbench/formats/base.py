@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
+from loadbench.remote import StoreFiles
 
 DTYPES: dict[str, type[np.generic]] = {
     "uint8": np.uint8,
@@ -81,10 +82,44 @@ class SplitLayout:
     dtype: str
     options: dict[str, Any]
     classes: list[str] = field(default_factory=list)
+    # The images [start, stop) of the split that this writer writes: the whole split unless
+    # the split is written by several writers at once (see `SplitWriter.range_unit`).
+    start: int = 0
+    stop: int | None = None
+    # Threads a writer may use for encoding; None: its own choice. Writers running in parallel
+    # processes get their share of the cores.
+    threads: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.count if self.stop is None else self.stop
 
 
 class SplitWriter:
-    """Receives a split in order, batch after batch; `close` returns manifest extras."""
+    """Receives its images of a split in order, batch after batch; `close` returns what the
+    writer's class `join`s into the split's manifest extras.
+
+    A writer whose layout lets several writers each write a range of whole units (a shard, a
+    chunk, an image file) at once says so with `range_unit`; `convert --jobs N` then runs them
+    in separate processes: `prepare` once, a writer per range, `join` of their `close()` results
+    in split order. One writer for the whole split goes through the same three steps.
+    """
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int | None:
+        """Images per unit that ranges must be made of; None: the split needs one writer."""
+        return None
+
+    @classmethod
+    def prepare(cls, layout: SplitLayout) -> None:
+        """Create what the writers of a split share (files they all write into)."""
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The split's manifest extras from its writers' `close()` results, in split order."""
+        if len(parts) != 1:
+            raise LoadbenchError(f"{cls.__name__} writes a split with one writer only")
+        return parts[0]
 
     def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Store a batch; return the images exactly as a reader will give them back."""
@@ -108,6 +143,8 @@ class SplitReader:
 
     def __init__(self, root: str, manifest: Any, split: str):
         self.root = root
+        # Reads the store's files by relative path; the store replaces it for remote stores.
+        self.files = StoreFiles(root)
         self.split = split
         self.count = manifest.splits[split].count
         self.image_shape = tuple(manifest.image_shape)
@@ -459,6 +496,11 @@ class Format:
         """Combinations of dtype and options the format cannot store (override to add)."""
 
     def is_lossy(self, options: dict[str, Any]) -> bool:
+        return False
+
+    def needs_local_file(self, options: dict[str, Any]) -> bool:
+        """Whether the reader maps or opens a real file, so that a store on object storage is
+        read through a local copy (`cache_dir`) and cannot be read in place."""
         return False
 
     def writer(self, layout: SplitLayout) -> SplitWriter:

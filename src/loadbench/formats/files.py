@@ -8,6 +8,7 @@ float32"), decoding with torchvision.io, the faster of it and Pillow here (see `
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +40,27 @@ class FilesWriter(SplitWriter):
         self.ext = codecs.EXTENSIONS[codec]
         self.dir = os.path.join(layout.root, layout.split)
         self.class_dirs = class_dirs(layout.classes)
-        for name in self.class_dirs:
-            os.makedirs(os.path.join(self.dir, name), exist_ok=True)
         self.width = max(7, len(str(max(layout.count - 1, 0))))
-        self.labels = np.empty(layout.count, dtype=np.int64)
-        self.pos = 0
-        self.pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+        self.labels = np.empty(layout.end - layout.start, dtype=np.int64)
+        self.pos = layout.start
+        threads = layout.threads or max(1, min(8, os.cpu_count() or 1))
+        # One thread encodes in this thread: a pool of one only adds a hand-off per image.
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int:
+        return 1  # every image is a file of its own
+
+    @classmethod
+    def prepare(cls, layout: SplitLayout) -> None:
+        for name in class_dirs(layout.classes):
+            os.makedirs(os.path.join(layout.root, layout.split, name), exist_ok=True)
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
+        labels = np.concatenate([part["labels"] for part in parts])
+        np.save(os.path.join(layout.root, layout.split, "labels.npy"), labels)
+        return {key: value for key, value in parts[0].items() if key != "labels"}
 
     def path(self, index: int, label: int) -> str:
         return os.path.join(self.dir, self.class_dirs[label], f"{index:0{self.width}d}.{self.ext}")
@@ -59,15 +75,18 @@ class FilesWriter(SplitWriter):
 
     def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         items = [(self.pos + k, images[k], int(labels[k])) for k in range(len(images))]
-        stored = np.stack(list(self.pool.map(self._store, items))) if items else images
-        self.labels[self.pos : self.pos + len(images)] = labels
+        stores = self.pool.map(self._store, items) if self.pool else map(self._store, items)
+        stored = np.stack(list(stores)) if items else images
+        at = self.pos - self.layout.start
+        self.labels[at : at + len(images)] = labels
         self.pos += len(images)
         return stored
 
     def close(self) -> dict:
-        self.pool.shutdown()
-        np.save(os.path.join(self.dir, "labels.npy"), self.labels)
-        return {"class_dirs": self.class_dirs, "name_width": self.width, "extension": self.ext}
+        if self.pool:
+            self.pool.shutdown()
+        extras = {"class_dirs": self.class_dirs, "name_width": self.width, "extension": self.ext}
+        return {**extras, "labels": self.labels}  # `join` writes labels.npy of the whole split
 
 
 class FilesReader(SplitReader):
@@ -81,7 +100,7 @@ class FilesReader(SplitReader):
 
     def _open(self):
         try:
-            labels = np.load(os.path.join(self.dir, "labels.npy"))
+            labels = np.load(io.BytesIO(self.files.read(f"{self.split}/labels.npy")))
         except (OSError, ValueError) as e:
             raise self._damaged(f"{self.split}/labels.npy", e) from None
         if len(labels) != self.count:
@@ -94,23 +113,39 @@ class FilesReader(SplitReader):
     def labels(self) -> np.ndarray:
         return self.handle.astype(np.int64)
 
+    def relpath(self, index: int, label: int) -> str:
+        return f"{self.split}/{self.class_dirs[label]}/{index:0{self.width}d}.{self.ext}"
+
     def read_items(self, indices: np.ndarray):
         labels = self.handle[indices]
         out = self._empty(len(indices))
-        for k, (index, label) in enumerate(zip(indices, labels, strict=True)):
-            path = self.path(int(index), int(label))
+        if not self.files.has_local_files:  # object storage: the batch's files fetched at once
+            rels = [self.relpath(int(i), int(y)) for i, y in zip(indices, labels, strict=True)]
+            for k, (rel, data) in enumerate(zip(rels, self.files.read_many(rels), strict=True)):
+                out[k] = self._decode(data, rel)
+            return out, labels
+        rels = [self.relpath(int(i), int(y)) for i, y in zip(indices, labels, strict=True)]
+        for k, (rel, path) in enumerate(zip(rels, self.files.local_paths(rels), strict=True)):
             try:
                 with open(path, "rb") as f:
-                    out[k] = codecs.decode(f.read(), self.image_shape[2])
-            except (OSError, ValueError, SyntaxError) as e:
-                raise self._damaged(f"cannot read {path}", e) from None
+                    data = f.read()
+            except OSError as e:
+                raise self._damaged(f"cannot read {rel}", e) from None
+            out[k] = self._decode(data, rel)
         return out, labels
+
+    def _decode(self, data: bytes, rel: str) -> np.ndarray:
+        try:
+            return codecs.decode(data, self.image_shape[2])
+        except (OSError, ValueError, SyntaxError) as e:
+            raise self._damaged(f"cannot read {rel}", e) from None
 
 
 class _FilesFormat(Format):
     dtypes = ("uint8",)
     reader_class = FilesReader
     tracks_every_file = False
+    writer_class = FilesWriter
     codec: str
 
     def writer(self, layout: SplitLayout) -> SplitWriter:

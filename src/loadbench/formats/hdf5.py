@@ -81,9 +81,10 @@ class Hdf5Reader(ChunkedArrayReader):
     def _open_arrays(self):
         import h5py
 
-        path = os.path.join(self.root, FILE)
-        try:
-            file = h5py.File(path, "r")
+        files = self.files
+        try:  # a remote file is read through a file object, by byte ranges
+            local = files.has_local_files
+            file = h5py.File(files.local_path(FILE) if local else files.open(FILE), "r")
             images, labels = file[self.split]["images"], file[self.split]["labels"]
         except (OSError, KeyError) as e:
             raise self._damaged(f"{FILE} cannot be read", e) from None

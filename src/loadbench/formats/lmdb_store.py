@@ -98,9 +98,8 @@ class LmdbReader(SplitReader):
     def _open(self):
         import lmdb
 
-        path = os.path.join(self.root, f"{self.split}.lmdb")
-        try:
-            env = acquire_env(path)
+        try:  # LMDB maps a real file: a remote store is read from its read-through copy
+            env = acquire_env(self.files.local_path(f"{self.split}.lmdb"))
         except (lmdb.Error, OSError) as e:
             raise self._damaged(f"{self.split}.lmdb cannot be opened", e) from None
         entries = env.stat()["entries"]
@@ -146,3 +145,6 @@ class LmdbFormat(Format):
     summary = "LMDB key-value file per split, one key per image (raw pixels)"
     writer_class = LmdbWriter
     reader_class = LmdbReader
+
+    def needs_local_file(self, options):
+        return True

@@ -6,6 +6,7 @@ page cache) only when touched; a batch is one fancy-indexing call on sorted indi
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -18,19 +19,39 @@ from loadbench.formats.base import (
     SplitWriter,
     register_format,
 )
+from loadbench.remote import RangeArray
 
 
 class NpyWriter(SplitWriter):
     def __init__(self, layout: SplitLayout):
-        base = os.path.join(layout.root, layout.split)
-        self.images = np.lib.format.open_memmap(
-            base + "_images.npy", mode="w+", dtype=DTYPES[layout.dtype],
-            shape=(layout.count, *layout.image_shape),
-        )  # fmt: skip
-        self.labels = np.lib.format.open_memmap(
-            base + "_labels.npy", mode="w+", dtype=np.int64, shape=(layout.count,)
-        )
-        self.pos = 0
+        # `prepare` made the files at their full size; writers of ranges write into them at once.
+        images, labels = _paths(layout)
+        self.images = np.lib.format.open_memmap(images, mode="r+")
+        self.labels = np.lib.format.open_memmap(labels, mode="r+")
+        self.pos = layout.start
+        self.whole = layout.start == 0 and layout.end == layout.count
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int:
+        return 1
+
+    @classmethod
+    def prepare(cls, layout: SplitLayout) -> None:
+        images, labels = _paths(layout)
+        shape = (layout.count, *layout.image_shape)
+        np.lib.format.open_memmap(images, mode="w+", dtype=DTYPES[layout.dtype], shape=shape)
+        np.lib.format.open_memmap(labels, mode="w+", dtype=np.int64, shape=(layout.count,))
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
+        if len(parts) > 1:  # ranges left their pages dirty (see `close`): written back at once
+            for path in _paths(layout):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return {}
 
     def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         n = len(images)
@@ -40,19 +61,33 @@ class NpyWriter(SplitWriter):
         return images
 
     def close(self) -> dict:
-        self.images.flush()
-        self.labels.flush()
+        # Written back now, so that no dirty page outlives the store's making (dirty pages
+        # cannot be evicted for cold-cache runs). Writers of ranges leave that to `join`: ranges
+        # written back one by one scatter the file in pieces over the disk, a different size
+        # on disk from one writer's (an extent block) and slower reads.
+        if self.whole:
+            self.images.flush()
+            self.labels.flush()
         # Drop the maps now: pages a live mapping holds cannot be evicted for cold-cache runs.
         del self.images, self.labels
         return {}
 
 
+def _paths(layout: SplitLayout) -> tuple[str, str]:
+    base = os.path.join(layout.root, layout.split)
+    return base + "_images.npy", base + "_labels.npy"
+
+
 class NpyReader(SplitReader):
     def _open(self):
-        base = os.path.join(self.root, self.split)
+        files = self.files
+        names = f"{self.split}_images.npy", f"{self.split}_labels.npy"
         try:
-            images = np.load(base + "_images.npy", mmap_mode="r")
-            labels = np.load(base + "_labels.npy", mmap_mode="r")
+            if files.has_local_files:  # a memory map of the file or of its cached copy
+                images, labels = (np.load(files.local_path(n), mmap_mode="r") for n in names)
+            else:  # object storage: rows read by byte ranges
+                images = RangeArray(files, names[0])
+                labels = np.load(io.BytesIO(files.read(names[1])))
         except (OSError, ValueError) as e:
             raise self._damaged(f"{self.split} arrays cannot be mapped", e) from None
         if images.shape != (self.count, *self.image_shape) or len(labels) != self.count:

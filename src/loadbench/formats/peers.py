@@ -313,6 +313,7 @@ class ImageFolderPeer(_PeerFormat):
         **codecs.PNG_OPTIONS,
     }
     reader_class = ImageFolderReader
+    writer_class = FilesWriter  # built in `writer()`, with the encoding as its codec
     tracks_every_file = False  # one file per image: the manifest lists labels.npy only
 
     def writer(self, layout: SplitLayout) -> SplitWriter:

@@ -8,6 +8,7 @@ the shards, an index of where each image's bytes start in which shard, so that a
 
 from __future__ import annotations
 
+import io
 import os
 from typing import ClassVar
 
@@ -68,7 +69,7 @@ class ShardReader(SplitReader):
 
     def _open(self):
         try:
-            index = np.load(os.path.join(self.root, f"{self.split}-index.npy"))
+            index = np.load(io.BytesIO(self.files.read(f"{self.split}-index.npy")))
         except (OSError, ValueError) as e:
             raise self._damaged(f"{self.split}-index.npy", e) from None
         if len(index) != self.count:
@@ -81,7 +82,7 @@ class ShardReader(SplitReader):
     def _fd(self, shard: int) -> int:
         fds = self.handle["fds"]
         if shard not in fds:
-            path = os.path.join(self.root, self.shard_names[shard])
+            path = self.files.local_path(self.shard_names[shard])
             try:
                 fds[shard] = os.open(path, os.O_RDONLY)
             except OSError as e:
@@ -109,12 +110,26 @@ class ShardReader(SplitReader):
         """The image bytes inside what the index points at (the whole record by default)."""
         return data
 
+    def payloads(self, entries) -> list[bytes]:
+        """The records of `entries`: `pread`s of local shards (or their cached copies), or the
+        byte ranges of all of them fetched concurrently from object storage."""
+        if self.files.has_local_files:
+            return [self.payload(entry) for entry in entries]
+        names = [self.shard_names[int(e["shard"])] for e in entries]
+        starts = [int(e["offset"]) for e in entries]
+        stops = [int(e["offset"] + e["size"]) for e in entries]
+        data = self.files.read_ranges(names, starts, stops)
+        for name, chunk, entry in zip(names, data, entries, strict=True):
+            if len(chunk) != entry["size"]:
+                raise self._damaged(f"shard {name}", "truncated")
+        return data
+
     def read_items(self, indices):
         entries = self.handle["index"][indices]
         out = self._empty(len(indices))
         encoding = self.options["encoding"]
-        for k, entry in enumerate(entries):
-            out[k] = self.decode_payload(self.payload_of(self.payload(entry)), encoding)
+        for k, data in enumerate(self.payloads(entries)):
+            out[k] = self.decode_payload(self.payload_of(data), encoding)
         return out, entries["label"].astype(np.int64)
 
     def close(self):

@@ -9,7 +9,7 @@ used, the split is held in CPU memory instead.
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ def choose_device(requested: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_resident(path: str, device: str):
-    """A whole `.npy` file as a tensor on `device` (CuPy + DLPack when both are there)."""
+def load_resident(path, device: str):
+    """A whole `.npy` file (a path or a file object) as a tensor on `device` (CuPy + DLPack
+    when both are there)."""
     if device.startswith("cuda"):
         try:
             import cupy
@@ -47,11 +48,12 @@ class TensorReader(SplitReader):
     device: str | None = None  # set by the store; None = choose at open
 
     def _open(self):
-        base = os.path.join(self.root, self.split)
         device = choose_device(self.device)
         try:
-            images = load_resident(base + "_images.npy", device)
-            labels = load_resident(base + "_labels.npy", device)
+            images, labels = (
+                load_resident(self._npy(f"{self.split}_{part}.npy"), device)
+                for part in ("images", "labels")
+            )
         except (OSError, ValueError) as e:
             raise self._damaged(f"{self.split} arrays cannot be loaded", e) from None
         if tuple(images.shape) != (self.count, *self.image_shape):
@@ -59,6 +61,12 @@ class TensorReader(SplitReader):
                 f"{self.split} images have shape {tuple(images.shape)}", "wrong shape"
             )
         return {"images": images, "labels": labels, "device": images.device}
+
+    def _npy(self, rel: str):
+        """A path, or for a store on object storage read in place, the file's bytes."""
+        if self.files.has_local_files:
+            return self.files.local_path(rel)
+        return io.BytesIO(self.files.read(rel))
 
     def labels(self) -> np.ndarray:
         return self.handle["labels"].cpu().numpy().astype(np.int64)

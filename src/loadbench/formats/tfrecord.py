@@ -42,16 +42,26 @@ class TfRecordWriter(SplitWriter):
         self.options = layout.options
         self.shard_size = self.options["shard_size"]
         self.shards = max(1, -(-layout.count // self.shard_size))
-        self.index = np.zeros(layout.count, dtype=INDEX_DTYPE)
-        self.names: list[str] = []
+        self.index = np.zeros(layout.end - layout.start, dtype=INDEX_DTYPE)
+        self.names: list[str] = []  # the shards this writer wrote, numbered from first_shard
+        self.first_shard = layout.start // self.shard_size
         self.writer = None
-        self.pos = 0
+        self.pos = layout.start
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int:
+        return layout.options["shard_size"]
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
+        save_index(layout.root, layout.split, np.concatenate([part["index"] for part in parts]))
+        return {"shards": [name for part in parts for name in part["shards"]]}
 
     def _shard_writer(self):
         from tfrecord import TFRecordWriter
 
         shard = self.pos // self.shard_size
-        if self.writer is None or shard >= len(self.names):
+        if self.writer is None or shard >= self.first_shard + len(self.names):
             self._close_shard()
             name = f"{self.layout.split}-{shard:05d}-of-{self.shards:05d}.tfrecord"
             self.names.append(name)
@@ -80,7 +90,8 @@ class TfRecordWriter(SplitWriter):
                 "image/channels": (c, "int"),
             })  # fmt: skip
             size = writer.file.tell() - start
-            self.index[self.pos] = (len(self.names) - 1, start, size, int(labels[k]))
+            shard = self.first_shard + len(self.names) - 1
+            self.index[self.pos - self.layout.start] = (shard, start, size, int(labels[k]))
             self.offsets.append((start, size))
             self.pos += 1
         return stored
@@ -98,8 +109,7 @@ class TfRecordWriter(SplitWriter):
         if self.layout.count == 0:
             self._shard_writer()
         self._close_shard()
-        save_index(self.layout.root, self.layout.split, self.index)
-        return {"shards": self.names}
+        return {"shards": self.names, "index": self.index}  # `join` saves the split's index
 
 
 class TfRecordReader(ShardReader):

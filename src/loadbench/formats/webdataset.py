@@ -36,10 +36,23 @@ class WebDatasetWriter(SplitWriter):
         self.pattern = os.path.join(layout.root, f"{layout.split}-%06d.tar")
         # A whole-second mtime: a float one makes tarfile add a 1 KiB pax header per member.
         # Zero, so that the same data gives byte-identical shards.
+        self.shards: list[str] = []  # the shards this writer wrote, in order
+        self.first_shard = layout.start // layout.options["shard_size"]
         self.writer = wds.ShardWriter(
-            self.pattern, maxcount=layout.options["shard_size"], maxsize=1 << 62, verbose=0, mtime=0
-        )
-        self.pos = 0
+            self.pattern, maxcount=layout.options["shard_size"], maxsize=1 << 62, verbose=0,
+            mtime=0, start_shard=self.first_shard,
+            post=lambda path: self.shards.append(os.path.basename(path)),
+        )  # fmt: skip
+        self.pos = layout.start
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int:
+        return layout.options["shard_size"]  # whole shards, numbered from the range's start
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
+        save_index(layout.root, layout.split, np.concatenate([part["index"] for part in parts]))
+        return {"shards": [name for part in parts for name in part["shards"]]}
 
     def write(self, images, labels):
         ext = EXTENSION[self.encoding]
@@ -59,12 +72,8 @@ class WebDatasetWriter(SplitWriter):
 
     def close(self):
         self.writer.close()
-        shards = sorted(
-            n for n in os.listdir(self.layout.root)
-            if n.startswith(f"{self.layout.split}-") and n.endswith(".tar")
-        )  # fmt: skip
-        save_index(self.layout.root, self.layout.split, _scan(self.layout.root, shards))
-        return {"shards": shards}
+        index = _scan(self.layout.root, self.shards, self.first_shard)
+        return {"shards": self.shards, "index": index}  # `join` saves the split's index
 
 
 def _npy_bytes(image: np.ndarray) -> bytes:
@@ -73,10 +82,11 @@ def _npy_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _scan(root: str, shards: list[str]) -> np.ndarray:
-    """Offset and size of every sample's image member, and its label, in sample order."""
+def _scan(root: str, shards: list[str], first: int = 0) -> np.ndarray:
+    """Offset and size of every sample's image member, and its label, in sample order; the
+    shards are numbered from `first`."""
     rows = []
-    for number, name in enumerate(shards):
+    for number, name in enumerate(shards, start=first):
         images, labels = {}, {}
         with tarfile.open(os.path.join(root, name)) as tar:
             for member in tar:

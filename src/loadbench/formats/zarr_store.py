@@ -53,30 +53,49 @@ class ZarrWriter(SplitWriter):
     def __init__(self, layout: SplitLayout):
         import zarr
 
+        self.chunk = layout.options["chunk_images"] or auto_chunk(layout.image_shape, layout.dtype)
+        group = zarr.open_group(os.path.join(layout.root, DIRECTORY), mode="r+")
+        self.images = group[layout.split]["images"]  # made by `prepare`
+        self.all_labels = np.empty(layout.end - layout.start, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+        self.pos = layout.start  # images written to the array
+        self.received = 0  # images handed to write()
+
+    @classmethod
+    def range_unit(cls, layout: SplitLayout) -> int:
+        return _array_chunk(layout)  # writers of whole chunks never write the same chunk
+
+    @classmethod
+    def prepare(cls, layout: SplitLayout) -> None:
+        import zarr
+
         opts = layout.options
-        self.chunk = opts["chunk_images"] or auto_chunk(layout.image_shape, layout.dtype)
         group = zarr.open_group(os.path.join(layout.root, DIRECTORY), mode="a").require_group(
             layout.split
         )
         dtype = DTYPES[layout.dtype]
-        self.images = group.create_array(
+        group.create_array(
             "images",
             shape=(layout.count, *layout.image_shape),
-            chunks=(min(self.chunk, max(layout.count, 1)), *layout.image_shape),
+            chunks=(_array_chunk(layout), *layout.image_shape),
             dtype=dtype,
             compressors=compressors(
                 opts["compression"], opts["compression_level"], np.dtype(dtype).itemsize
             ),
             fill_value=0,
         )
-        self.labels = group.create_array(
+        group.create_array(
             "labels", shape=(layout.count,), chunks=(max(layout.count, 1),), dtype=np.int64
         )
-        self.all_labels = np.empty(layout.count, dtype=np.int64)
-        self.pending: list[np.ndarray] = []
-        self.pending_n = 0
-        self.pos = 0  # images written to the array
-        self.received = 0  # images handed to write()
+
+    @classmethod
+    def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
+        import zarr
+
+        group = zarr.open_group(os.path.join(layout.root, DIRECTORY), mode="r+")
+        group[layout.split]["labels"][:] = np.concatenate([part["labels"] for part in parts])
+        return {"chunk_images": parts[0]["chunk_images"]}
 
     def write(self, images, labels):
         self.all_labels[self.received : self.received + len(labels)] = labels
@@ -100,8 +119,12 @@ class ZarrWriter(SplitWriter):
 
     def close(self):
         self._flush(whole_chunks=False)
-        self.labels[:] = self.all_labels
-        return {"chunk_images": self.chunk}
+        return {"chunk_images": self.chunk, "labels": self.all_labels}  # `join` writes labels
+
+
+def _array_chunk(layout: SplitLayout) -> int:
+    chunk = layout.options["chunk_images"] or auto_chunk(layout.image_shape, layout.dtype)
+    return min(chunk, max(layout.count, 1))
 
 
 class ZarrReader(ChunkedArrayReader):
@@ -109,14 +132,14 @@ class ZarrReader(ChunkedArrayReader):
 
     def _open_arrays(self):
         import zarr
-        from zarr.storage import LocalStore, ZipStore
+        from zarr.storage import ZipStore
 
         zipped = self.options["store"] == "zip"
         try:
-            if zipped:
-                store = ZipStore(os.path.join(self.root, ZIP), mode="r")
-            else:
-                store = LocalStore(os.path.join(self.root, DIRECTORY), read_only=True)
+            if zipped:  # a remote zip is read from its read-through copy
+                store = ZipStore(self.files.local_path(ZIP), mode="r")
+            else:  # a directory, or fsspec's store for object storage
+                store = self.files.zarr_store(DIRECTORY)
             group = zarr.open_group(store, mode="r")
             images, labels = group[self.split]["images"], group[self.split]["labels"][:]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
@@ -141,6 +164,9 @@ class ZarrFormat(Format):
         "store": Option("dir", "a directory or one zip file", choices=("dir", "zip")),
     }
 
+    def needs_local_file(self, options):
+        return options.get("store") == "zip"  # zarr reads a zip through a real file
+
     def check(self, dtype, options):
         if options["compression_level"] is not None and options["compression"] == "none":
             raise LoadbenchError("zarr option compression_level needs a compression")
@@ -153,7 +179,8 @@ class ZarrFormat(Format):
         with zipfile.ZipFile(
             os.path.join(root, ZIP), "w", zipfile.ZIP_STORED, allowZip64=True
         ) as z:
-            for dirpath, _, names in os.walk(directory):
+            for dirpath, dirs, names in os.walk(directory):
+                dirs.sort()  # members in one order, whichever order parallel writers made them
                 for name in sorted(names):
                     path = os.path.join(dirpath, name)
                     z.write(path, os.path.relpath(path, directory))

@@ -20,7 +20,9 @@ from loadbench.bench.runner import RUNS, read_runs
 from loadbench.errors import LoadbenchError
 
 SCHEMA = 1
-CONFIG = ["format", "dtype", "access", "workers", "shuffle"]  # a row of a table (+ cache)
+# A row of a table (+ cache); storage is "local" or the label of an object storage;
+# world_size is 1 but for distributed runs (ranks under torchrun).
+CONFIG = ["format", "dtype", "access", "workers", "shuffle", "storage", "world_size"]
 
 
 @dataclass
@@ -111,11 +113,12 @@ RUN_COLUMNS = [
     "images_per_s", "stall_share", "data_wait_s", "compute_s", "peak_rss_bytes", "cpu_pct_mean",
     "system_cpu_pct_mean", "read_bytes", "gpu_util_pct_mean", "gpu_mem_bytes_max",
     "cuda_max_allocated_bytes", "store_bytes", "bytes_per_image", "convert_time_s",
-    "final_accuracy", "eviction_effective", "order_jump_ratio", "order_same_class",
+    "final_accuracy", "eviction_effective", "order_jump_ratio", "order_same_class", "storage",
+    "read_through_hit_rate", "world_size", "straggler_ratio", "rank_images_per_s",
 ]  # fmt: skip
 EPOCH_COLUMNS = [
-    "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache", "repeat",
-    "epoch",
+    "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
+    "repeat", "epoch",
     "time_s", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
 ]  # fmt: skip
 
@@ -176,13 +179,37 @@ def run_row(r: dict[str, Any]) -> dict[str, Any]:
         "eviction_effective": _get(r, "eviction", "effective"),
         "order_jump_ratio": _get(r, "order_quality", "jump_ratio"),
         "order_same_class": _get(r, "order_quality", "same_class"),
+        "storage": r.get("storage", "local"),
+        "read_through_hit_rate": _hit_rate(epochs),
+        "world_size": r.get("world_size") or 1,
+        "straggler_ratio": _median(_values(steady, "straggler_ratio")),
+        "rank_images_per_s": _per_rank(steady, "images_per_s"),
     }
+
+
+def _per_rank(epochs: list[dict[str, Any]], key: str) -> tuple[float, ...] | None:
+    """Each rank's median of `key` over `epochs` (distributed runs; None otherwise)."""
+    ranks: dict[int, list[float]] = {}
+    for e in epochs:
+        for r in e.get("ranks") or []:
+            if r.get(key) is not None:
+                ranks.setdefault(r["rank"], []).append(r[key])
+    return tuple(statistics.median(ranks[k]) for k in sorted(ranks)) if ranks else None
+
+
+def _hit_rate(epochs: list[dict[str, Any]]) -> float | None:
+    """Files served by the read-through cache over files read, over the whole run."""
+    counts = [e["read_through"] for e in epochs if e.get("read_through")]
+    hits = sum(c["hits"] for c in counts)
+    total = hits + sum(c["misses"] for c in counts)
+    return hits / total if total else None
 
 
 def epoch_row(r: dict[str, Any], e: dict[str, Any]) -> dict[str, Any]:
     row = {k: r.get(k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
                                  "cache", "repeat")}  # fmt: skip
     row["shuffle"] = r.get("shuffle", "exact")
+    row["storage"] = r.get("storage", "local")
     row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy",
                                       "val_loss", "val_accuracy")})  # fmt: skip
     return row

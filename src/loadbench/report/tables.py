@@ -26,8 +26,21 @@ def order_suffix(order: str | None) -> str:
     return "" if order in ("exact", None) else f"/{order}-shuffle"
 
 
+def storage_suffix(storage: str | None) -> str:
+    """How a configuration's name shows where its store is: nothing for local disk."""
+    return "" if storage in ("local", None) else f" @{storage}"
+
+
+def world_suffix(world_size) -> str:
+    """How a configuration's name shows a distributed run: /ddpN for N ranks, else nothing."""
+    if world_size is None or _nan(world_size) or world_size <= 1:
+        return ""
+    return f"/ddp{int(world_size)}"
+
+
 def config_name(row) -> str:
-    suffix = order_suffix(row.get("shuffle"))
+    suffix = order_suffix(row.get("shuffle")) + world_suffix(row.get("world_size"))
+    suffix += storage_suffix(row.get("storage"))
     return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}{suffix}"
 
 
@@ -56,8 +69,23 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         final_accuracy=("final_accuracy", "median"),
         order_jump_ratio=("order_jump_ratio", "median"),
         order_same_class=("order_same_class", "median"),
+        read_through_hit_rate=("read_through_hit_rate", "median"),
+        straggler_ratio=("straggler_ratio", "median"),
     )
-    return out.reset_index()
+    out = out.reset_index()
+    # Each rank's img/s, the median over repeats (groups come in the order agg gave them).
+    out["rank_images_per_s"] = [_per_rank_median(g) for _, g in grouped["rank_images_per_s"]]
+    return out
+
+
+def versus_local(table: pd.DataFrame) -> pd.Series:
+    """Each row's epoch time over the same configuration's on local disk: the network's cost
+    (NaN for local rows and where no local twin was run)."""
+    same = [c for c in CONFIG if c != "storage"]
+    local = table[table["storage"] == "local"].set_index(same)["epoch_s"]
+    twins = table.set_index(same).index.map(lambda k: local.get(k, np.nan))
+    ratio = table["epoch_s"].to_numpy() / np.asarray(twins, dtype=float)
+    return pd.Series(np.where(table["storage"] == "local", np.nan, ratio), index=table.index)
 
 
 def dataset_table(results: Results, dataset: str) -> Table:
@@ -75,6 +103,10 @@ def dataset_table(results: Results, dataset: str) -> Table:
     table["ratio"] = table["epoch_s"] / fastest if fastest and fastest > 0 else np.nan
     gpu = table["gpu_util_pct_mean"].notna().any()
     block = (table["shuffle"] != "exact").any()
+    remote = (table["storage"] != "local").any()
+    ddp = (table["world_size"] > 1).any()
+    if remote:
+        table["vs_local"] = versus_local(table)
     headers = ["", "configuration", "repeats", f"epoch s ({main}, median [IQR])", "x fastest"]
     if len(caches) == 2:
         headers += ["epoch s (cold)"]
@@ -83,6 +115,10 @@ def dataset_table(results: Results, dataset: str) -> Table:
         headers += ["GPU %", "GPU mem"]
     if block:
         headers += ["order jump", "same-class pairs"]
+    if remote:
+        headers += ["vs local", "read-through hits"]
+    if ddp:
+        headers += ["ranks", "straggler", "img/s per rank"]
     headers += ["store", "bytes/img", "convert s", "accuracy"]
     rows = []
     for i, r in table.iterrows():
@@ -103,6 +139,15 @@ def dataset_table(results: Results, dataset: str) -> Table:
             cells += [_count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])]
         if block:
             cells += [_num(r["order_jump_ratio"], 3), _pct(r["order_same_class"])]
+        if remote:
+            vs = r["vs_local"]
+            cells += [f"{vs:.2f}x" if not _nan(vs) else "-", _pct(r["read_through_hit_rate"])]
+        if ddp:
+            straggler, per_rank = r["straggler_ratio"], r["rank_images_per_s"]
+            cells += [
+                str(int(r["world_size"])), "-" if _nan(straggler) else f"{straggler:.2f}x",
+                " / ".join(_count(v) for v in per_rank) if per_rank else "-",
+            ]  # fmt: skip
         cells += [
             _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
             _num(r["final_accuracy"], 3),
@@ -115,6 +160,21 @@ def dataset_table(results: Results, dataset: str) -> Table:
     ]
     if not gpu:
         notes.append("No GPU was used: GPU columns are left out.")
+    if ddp:
+        notes.append(
+            "Rows named /ddpN ran under torchrun with N ranks (DDP). Their img/s is the whole "
+            "world's (every rank's images over the slowest rank's epoch time); 'straggler' is "
+            "the slowest rank's epoch time over the median rank's (median over epochs and "
+            "repeats; 1.00x: no straggler); 'img/s per rank' is each rank's own rate, rank 0 "
+            "first. Memory and CPU columns are rank 0's."
+        )
+    if remote:
+        notes.append(
+            "Rows named @storage read their store from object storage. 'vs local' is the epoch "
+            "time over the same configuration's on local disk (the network's cost); "
+            "'read-through hits' is the share of files served from the local read-through copy "
+            "over the whole run (the first epoch fills it)."
+        )
     if block:
         notes.append(
             "block-shuffle rows read chunk by chunk in a less random order. 'order jump' is the "
@@ -167,6 +227,14 @@ def summary_table(results: Results) -> Table:
         ["Bold: the fastest format of the dataset. Steady-state epochs, warm cache."],
         numbers,
     )
+
+
+def _per_rank_median(values: pd.Series) -> tuple[float, ...] | None:
+    runs = [v for v in values if isinstance(v, tuple) and v]
+    if not runs:
+        return None
+    ranks = min(len(v) for v in runs)
+    return tuple(float(np.median([v[k] for v in runs])) for k in range(ranks))
 
 
 def _nan(value) -> bool:

@@ -194,6 +194,17 @@ class Source:
             idx = sel.indices[start : start + batch_size]
             yield sel.raw.load(idx), sel.labels[start : start + batch_size]
 
+    def read(self, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images start..stop-1 of a split: (uint8 (n,H,W,C), int64 (n,)), the same pixels as
+        `iter_batches` gives them."""
+        sel = self._get(split)
+        return sel.raw.load(sel.indices[start:stop]), sel.labels[start:stop]
+
+    @property
+    def decoded(self) -> bool:
+        """Every split is already in memory, decoded: reading an image costs only a copy."""
+        return all(isinstance(s.raw, ArraySplit) for s in self._splits.values())
+
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The whole split: (images uint8 (N,H,W,C), labels int64 (N,))."""
         n = self.count(name)
@@ -204,35 +215,58 @@ class Source:
             pos += len(batch)
         return images, self.labels(name).copy()
 
-    def in_memory(self, max_bytes: int | None = None) -> Source:
+    def in_memory(self, max_bytes: int | None = None, jobs: int = 1) -> Source:
         """This source with every split decoded once into memory, if it fits in `max_bytes`
         (default: a quarter of the available RAM, at most 4 GiB); else the source itself.
 
         Converting to several formats or verifying several stores then reads (or generates,
-        or decodes) the source once instead of once per format.
+        or decodes) the source once instead of once per format. With `jobs` > 1, forked
+        processes read batches at once into memory shared with this process.
         """
         if max_bytes is None:
             import psutil
 
             max_bytes = min(4 << 30, psutil.virtual_memory().available // 4)
         total = sum(self.count(s) for s in self.splits) * int(np.prod(self.image_shape))
-        if total > max_bytes or all(isinstance(s.raw, ArraySplit) for s in self._splits.values()):
+        if total > max_bytes or self.decoded:
             return self
-        from loadbench import progress
+        import contextlib
 
+        from loadbench import parallel, progress
+
+        shared = jobs > 1 and parallel.available()
+        arrays = {
+            name: _empty_images((len(sel.indices), *self.image_shape), shared)
+            for name, sel in self._splits.items()
+        }
+        reads = [
+            _Read(name, start, min(start + 1024, len(sel.indices)))
+            for name, sel in self._splits.items()
+            for start in range(0, len(sel.indices), 1024)
+        ]
+
+        def read(batch: _Read, report=None) -> int:
+            sel = self._splits[batch.split]
+            arrays[batch.split][batch.start : batch.stop] = sel.raw.load(
+                sel.indices[batch.start : batch.stop]
+            )
+            return batch.stop - batch.start
+
+        # Forked before the progress bar starts its thread.
+        with parallel.Workers(jobs, read) if shared else contextlib.nullcontext() as workers:
+            if shared:
+                done = workers.ordered(reads, lambda n: None, window=2 * jobs)
+            else:
+                done = ((batch, read(batch)) for batch in reads)
+            images = sum(self.count(s) for s in self.splits)
+            with progress.task(f"reading {self.spec}", images) as advance:
+                for _, n in done:
+                    advance(n)
         clone = copy.copy(self)
         clone._splits = {}
-        with progress.task(
-            f"reading {self.spec}", sum(self.count(s) for s in self.splits)
-        ) as advance:
-            for name, sel in self._splits.items():
-                images = np.empty((len(sel.indices), *self.image_shape), dtype=np.uint8)
-                for start in range(0, len(sel.indices), 1024):
-                    batch = sel.raw.load(sel.indices[start : start + 1024])
-                    images[start : start + len(batch)] = batch
-                    advance(len(batch))
-                raw = ArraySplit(images, sel.labels)
-                clone._splits[name] = _Selection(raw, np.arange(len(sel.indices)), sel.labels)
+        for name, sel in self._splits.items():
+            raw = ArraySplit(arrays[name], sel.labels)
+            clone._splits[name] = _Selection(raw, np.arange(len(sel.indices)), sel.labels)
         return clone
 
     def original_sizes(self, split: str) -> OriginalSizes | None:
@@ -275,6 +309,27 @@ class Source:
         counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
         h, w, c = self.image_shape
         return f"Source({self.spec!r}, {h}x{w}x{c}, {len(self.classes)} classes, {counts})"
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A batch of a split that `in_memory` reads."""
+
+    split: str
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"reading {self.split} images {self.start}-{self.stop - 1}"
+
+
+def _empty_images(shape: tuple[int, ...], shared: bool) -> np.ndarray:
+    """uint8 images to fill; with `shared`, in memory that processes forked later write into."""
+    if not shared or not int(np.prod(shape)):
+        return np.empty(shape, dtype=np.uint8)
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
 
 
 def _apply_options(raw: RawDataset, opts: SourceOptions) -> tuple[list[str], dict[str, _Selection]]:

@@ -98,9 +98,27 @@ class SyntheticSplit(RawSplit):
         lo = b * self.block
         labels = self.labels[lo : lo + self.block]
         rng = np.random.default_rng([self.seed, self.split_id, b])
-        images = render(labels, self.size, self.channels, self.classes, rng)
+        with _one_blas_thread():
+            images = render(labels, self.size, self.channels, self.classes, rng)
         self._cache = (b, images)
         return images
+
+
+_BLAS = None  # threadpoolctl's controller, made on first use
+
+
+def _one_blas_thread():
+    """NumPy's BLAS on one thread, for `render`. With more threads OpenBLAS sums some of its
+    products in another order, and a rare pixel came out one level apart (1 of 610
+    tinyimagenet-like images, 1 vs 2 threads): the data would depend on the machine's cores,
+    and on `convert --jobs`. One thread is also twice as fast here for these small products
+    (on 2 cores), and leaves the other cores to the conversion's worker processes."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _class_attributes(classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     chunk_cache_mb: int = Field(
         ORDER_DEFAULTS["chunk_cache_mb"], ge=0, description="decoded-chunk cache per process"
     )
+    cache_dir: str | None = Field(
+        None, description="a store on object storage is read through a local copy kept here"
+    )
     pin_memory: bool | None = None
     device: str = "auto"
     amp: bool = False

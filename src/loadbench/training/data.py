@@ -16,7 +16,9 @@ it learns, and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -255,22 +257,91 @@ class EpochOrder:
         return len(self.indices)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (position in epoch, store index, is_copy, epoch) for a DataLoader."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of every epoch under DDP: rank `rank` of `world`.
 
-    def __init__(self, order: EpochOrder):
-        self.order = order
+    `even` (training): every rank gets as many samples, because DDP ranks step in lockstep;
+    the epoch's positions are padded by wrapping around to a multiple of `world`, as torch's
+    DistributedSampler does. Not even (evaluation): an exact partition, so that gathered metrics
+    count every image once.
+    """
+
+    rank: int
+    world: int
+    even: bool = True
+
+    def sampler(self, length: int) -> torch.utils.data.DistributedSampler:
+        """torch's DistributedSampler over `length` positions: padded, then rank::world.
+        `shuffle=False`, because the positions index an epoch order that is shuffled already."""
+        return torch.utils.data.DistributedSampler(
+            range(length), num_replicas=self.world, rank=self.rank, shuffle=False
+        )
+
+    def positions(self, length: int) -> np.ndarray:
+        """The positions in 0..length-1 that this rank takes (sample and batch access)."""
+        if self.even:
+            return np.fromiter(iter(self.sampler(length)), dtype=np.int64)
+        return np.array_split(np.arange(length), self.world)[self.rank]
+
+    def block(self, length: int) -> np.ndarray:
+        """A contiguous 1/world of 0..length-1 (device access: what this rank keeps resident),
+        padded by wrapping around like `positions` when even."""
+        if not self.even or length == 0:
+            return np.array_split(np.arange(length), self.world)[self.rank]
+        per = math.ceil(length / self.world)
+        padded = np.resize(np.arange(length), per * self.world)
+        return padded[self.rank * per : (self.rank + 1) * per]
+
+
+DEBUG_INDICES = "LOADBENCH_DEBUG_INDICES"
+
+
+def trace_shard(shard: Shard, epoch: int, indices: np.ndarray) -> None:
+    """Debug hook: with LOADBENCH_DEBUG_INDICES=DIR, each rank appends the store indices of its
+    training shard of every epoch to DIR/rank-R.jsonl, to see that ranks read disjoint data."""
+    where = os.environ.get(DEBUG_INDICES)
+    if not where:
+        return
+    line = json.dumps({"rank": shard.rank, "world": shard.world, "epoch": epoch,
+                       "indices": [int(i) for i in indices]})  # fmt: skip
+    with open(os.path.join(where, f"rank-{shard.rank}.jsonl"), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (position in epoch, store index, is_copy, epoch) for a DataLoader; with a
+    `shard`, only this rank's positions of the epoch (whose order every rank draws alike)."""
+
+    def __init__(self, order: EpochOrder, shard: Shard | None = None):
+        self.order, self.shard = order, shard
+        self.split = shard.sampler(len(order)) if shard is not None and shard.even else None
 
     def __iter__(self):
         indices, copies = self.order.draw()
         epoch = self.order.epoch
-        for position, (index, copy) in enumerate(
-            zip(indices.tolist(), copies.tolist(), strict=True)
-        ):
-            yield (position, index, copy, epoch)
+        if self.shard is None:
+            for position, (index, copy) in enumerate(
+                zip(indices.tolist(), copies.tolist(), strict=True)
+            ):
+                yield (position, index, copy, epoch)
+            return
+        if self.split is not None:
+            self.split.set_epoch(epoch)  # a no-op without its shuffle; called as DDP users do
+            positions = np.fromiter(iter(self.split), dtype=np.int64)
+        else:
+            positions = self.shard.positions(len(indices))
+        if self.shard.even:
+            trace_shard(self.shard, epoch, indices[positions])
+        for position in positions.tolist():
+            yield (position, int(indices[position]), bool(copies[position]), epoch)
 
     def __len__(self) -> int:
-        return len(self.order)
+        if self.shard is None:
+            return len(self.order)
+        if self.split is not None:
+            return len(self.split)
+        return len(self.shard.positions(len(self.order)))
 
 
 @dataclass
@@ -441,32 +512,74 @@ def resident_split(store: Store, split: str, device: torch.device):
     return cache[key]
 
 
+def resident_rows(store: Store, split: str, device: torch.device, rows: np.ndarray):
+    """(images, labels) of only the store indices `rows` (sorted, unique) of a split, on
+    `device`: a rank's shard under DDP, which is all that rank reads."""
+    reader = store.new_reader(split)
+    reader.device = "cpu"  # the tensor format would load its whole split onto the device
+    if not len(rows):
+        h, w, c = reader.image_shape
+        empty = np.empty((0, h, w, c), DTYPES[reader.dtype])
+        return torch.from_numpy(empty).to(device), torch.zeros(0, dtype=torch.int64, device=device)
+    images, labels = reader.read_items(rows)
+    return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+
+
+def shard_order(order: EpochOrder, shard: Shard) -> tuple[EpochOrder, int]:
+    """The order of a rank's device shard: the contiguous part `shard.block` of the order's
+    images, permuted within itself each epoch; and the position of the part's first image."""
+    if order.balance == "oversample":
+        raise LoadbenchError(
+            "balance oversample with device access cannot run under torchrun: each rank's "
+            "shard would get a different number of copies; use sample or batch access"
+        )
+    part = shard.block(len(order.indices))
+    # One seed for the run, a random stream per rank: ranks do not permute alike.
+    seed = int(np.random.SeedSequence([order.seed, shard.rank]).generate_state(1)[0])
+    local = EpochOrder(order.indices[part], order.labels[part], seed, shuffle=order.mode,
+                       balance=order.balance, block=order.block, window=order.window)  # fmt: skip
+    return local, int(part[0]) if len(part) else 0
+
+
 class DeviceBatches:
-    """`device` access: the split on the device, batches gathered there by index."""
+    """`device` access: the split on the device, batches gathered there by index. With a
+    `shard` (DDP), only the rank's contiguous part of the order's images is resident, and each
+    epoch is a permutation within that part."""
 
     def __init__(self, store: Store, split: str, order: EpochOrder, batch_size: int, device,
-                 augmenter: Augmenter | None):  # fmt: skip
+                 augmenter: Augmenter | None, shard: Shard | None = None):  # fmt: skip
         self.order, self.batch_size, self.augmenter = order, batch_size, augmenter
         self.device = torch.device(device)
-        self.images, self.labels = resident_split(store, split, self.device)
+        self.shard, self.local, self.offset, self.rows = shard, order, 0, None
+        if shard is None:
+            self.images, self.labels = resident_split(store, split, self.device)
+        else:
+            self.local, self.offset = shard_order(order, shard)
+            self.rows = np.unique(self.local.indices)  # the store index of each resident row
+            self.images, self.labels = resident_rows(store, split, self.device, self.rows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices, copies = self.order.draw()
         epoch = self.order.epoch
-        index = torch.from_numpy(indices).to(self.device)
+        self.local.set_epoch(epoch)
+        indices, copies = self.local.draw()
+        if self.shard is not None and self.shard.even:
+            trace_shard(self.shard, epoch, indices)
+        resident = indices if self.rows is None else np.searchsorted(self.rows, indices)
+        index = torch.from_numpy(resident).to(self.device)
         for start in range(0, len(indices), self.batch_size):
             batch = index[start : start + self.batch_size]
             images, labels = to_tensor(self.images[batch]), self.labels[batch]
             if self.augmenter is not None:
                 keys = [
-                    (start + k, int(indices[start + k]), bool(copies[start + k]), epoch)
+                    (self.offset + start + k, int(indices[start + k]), bool(copies[start + k]),
+                     epoch)
                     for k in range(len(batch))
                 ]  # fmt: skip
                 images = _augment_batch(images, keys, self.augmenter)
             yield images, labels
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
+        return math.ceil(len(self.local) / self.batch_size)
 
 
 def shutdown(batches) -> None:
@@ -487,6 +600,12 @@ def shutdown(batches) -> None:
             loader._iterator = None
 
 
+_NOT_SHARDED = (
+    "{name} runs its library's own loader, which loadbench cannot shard across torchrun's "
+    "processes; run it in a single process, or use one of loadbench's formats"
+)
+
+
 def make_batches(
     store: Store,
     split: str,
@@ -498,8 +617,10 @@ def make_batches(
     pin_memory: bool,
     device,
     augmenter: Augmenter | None,
+    shard: Shard | None = None,
 ):
-    """An iterable of (images float32 N,C,H,W in [0,1], labels int64 N) for one split."""
+    """An iterable of (images float32 N,C,H,W in [0,1], labels int64 N) for one split; with a
+    `shard` (DDP), this rank's part of it."""
     fmt = store.format
     if fmt is not None and access not in fmt.accesses:
         raise LoadbenchError(
@@ -508,15 +629,20 @@ def make_batches(
         )
     if fmt is not None and fmt.own_order and order.mode == "block":
         raise LoadbenchError(f"{fmt.name} streams in its library's own order; use shuffle exact")
+    if shard is not None and fmt is not None and (fmt.peer or fmt.own_order):
+        raise LoadbenchError(_NOT_SHARDED.format(name=fmt.name))
     if access == "device":
-        return DeviceBatches(store, split, order, batch_size, device, augmenter)
+        return DeviceBatches(store, split, order, batch_size, device, augmenter, shard)
     reader = store.new_reader(split)
     reader.device = "cpu"  # a DataLoader moves batches to the device itself (tensor format too)
     own = reader.loader(order, access=access, batch_size=batch_size, workers=workers,
                         pin_memory=pin_memory, augmenter=augmenter)  # fmt: skip
+    if own is not None and shard is not None:
+        shutdown(own)
+        raise LoadbenchError(_NOT_SHARDED.format(name=store.format_name))
     if own is not None:  # a peer loader: its library's own pipeline
         return own
-    sampler = EpochSampler(order)
+    sampler = EpochSampler(order, shard)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
     if workers:  # per item (sample) or per batch, through a ring of shared buffers
         return RingBatches(reader, batches, batch_size=batch_size, workers=workers,

@@ -29,6 +29,7 @@ from loadbench.training.config import TrainConfig
 from loadbench.training.data import (
     Augmenter,
     EpochOrder,
+    Shard,
     SplitPlan,
     build_augment,
     channel_stats,
@@ -37,6 +38,7 @@ from loadbench.training.data import (
     plan_splits,
     shutdown,
 )
+from loadbench.training.distributed import Dist, gather_epoch, setup
 from loadbench.training.metrics import EpochMeter
 from loadbench.training.optim import current_lr, make_optimizer, make_schedule
 
@@ -80,12 +82,16 @@ class Run:
         plan: SplitPlan | None = None,
         out_dir: str | None = None,
         callbacks: tuple[Callable[[dict[str, Any]], None], ...] = (),
+        epoch_extras: Callable[[], dict[str, Any]] | None = None,
     ):
+        """`callbacks` get each epoch's record, on every rank; `epoch_extras` (every rank, at
+        each epoch's end) adds fields to it and, under DDP, to the rank's entry of `ranks`."""
         self.config = c = config
-        self.store = store if store is not None else open_data(c.data)
-        self.device = resolve_device(c.device)
+        self.store = store if store is not None else open_data(c.data, cache_dir=c.cache_dir)
+        self.dist: Dist = setup(resolve_device(c.device))  # torchrun's process group, if any
+        self.device = self.dist.place(resolve_device(c.device))
         self.out_dir = out_dir if out_dir is not None else c.out
-        self.callbacks = callbacks
+        self.callbacks, self.epoch_extras = callbacks, epoch_extras
         seed_everything(c.seed)
         self.plan = plan or plan_splits(self.store, c.eval_split, c.val_ratio, c.seed)
         self.train_labels = labels_of(self.store, "train")[self.plan.train_indices]
@@ -103,7 +109,12 @@ class Run:
         self.best = {"loss": math.inf, "epoch": 0, "bad_epochs": 0}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.compile_time_s = 0.0
-        self.forward = self.model
+        # Under DDP, `forward` is the DistributedDataParallel wrapper (its construction
+        # broadcasts rank 0's weights) and `model` the module saved; evaluation runs the module
+        # itself, since ranks evaluate shards of different sizes and DDP's forward may sync.
+        self.ddp = self.dist.wrap(self.model)
+        self.forward = self.ddp or self.model
+        self.eval_forward = self.model if self.ddp else self.forward
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
@@ -157,11 +168,18 @@ class Run:
             window=c.shuffle_window,
         )  # fmt: skip
         eval_order = EpochOrder(self.plan.eval_indices, self.eval_labels, c.seed, shuffle=False)
-        train = make_batches(self.store, "train", self.train_order, augmenter=augmenter, **common)
+        train = make_batches(self.store, "train", self.train_order, augmenter=augmenter,
+                             shard=self.shard(), **common)  # fmt: skip
         evaluate = make_batches(
-            self.store, self.plan.eval_source, eval_order, augmenter=None, **common
-        )
+            self.store, self.plan.eval_source, eval_order, augmenter=None,
+            shard=self.shard(even=False), **common,
+        )  # fmt: skip
         return train, evaluate
+
+    def shard(self, even: bool = True) -> Shard | None:
+        """This rank's part of a split under DDP (even: as many samples on every rank, for
+        training; else an exact partition, for evaluation); None in a single process."""
+        return Shard(self.dist.rank, self.dist.world, even) if self.dist.active else None
 
     def meta(self) -> dict[str, Any]:
         """What a model file needs to be used again (see checkpoint.save_model)."""
@@ -235,32 +253,61 @@ class Run:
                 compute += time.perf_counter() - t1
                 advance(1)
         elapsed = time.perf_counter() - started
+        self.dist.broadcast_buffers(self.model)  # every rank evaluates and saves one model
+        overall = self._all_ranks(meter)
         return {
             "time_s": elapsed,
-            "train_loss": meter.loss,
-            "train_accuracy": meter.accuracy,
+            "train_loss": overall.loss,
+            "train_accuracy": overall.accuracy,
             "data_wait_s": data_wait,
             "compute_s": compute,
             "images_per_s": meter.count / elapsed if elapsed > 0 else 0.0,
             "first_batch_s": first_batch or 0.0,
+            "images": meter.count,
         }
+
+    def _all_ranks(self, meter: EpochMeter) -> EpochMeter:
+        """The meter of every rank's batches together (this rank's in a single process)."""
+        if not self.dist.active:
+            return meter
+        return EpochMeter.from_totals(*self.dist.sum(meter.totals()))
 
     @torch.no_grad()
     def predict(self, batches) -> tuple[float, np.ndarray, np.ndarray]:
-        """(mean loss, predicted classes, targets) over an iterable of batches."""
+        """(mean loss, predicted classes, targets) over an iterable of batches.
+
+        Under DDP, `batches` are this rank's shard (`shard(even=False)`) and the result is every
+        rank's together, in rank order (the split's order), the same on every rank.
+        """
         self.model.eval()
         meter = EpochMeter()
         predictions, targets = [], []
         for images, labels in batches:
             images, labels = self._to_device(images, labels)
             with self.autocast():
-                logits = self.forward(images)
+                logits = self.eval_forward(images)
             meter.update(float(self.loss_fn(logits.float(), labels)), logits, labels)
             predictions.append(logits.argmax(1).cpu())
             targets.append(labels.cpu())
+        if self.dist.active:
+            return self._gather_predictions(meter, predictions, targets)
         if not predictions:
             return math.nan, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return meter.loss, torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+
+    def _gather_predictions(self, meter: EpochMeter, predictions: list, targets: list):
+        empty = np.zeros(0, dtype=np.int64)
+        mine = (
+            meter.totals(),
+            torch.cat(predictions).numpy() if predictions else empty,
+            torch.cat(targets).numpy() if targets else empty,
+        )
+        parts = self.dist.all_gather_object(mine)
+        totals = (sum(column) for column in zip(*(p[0] for p in parts), strict=True))
+        overall = EpochMeter.from_totals(*totals)
+        predicted = np.concatenate([p[1] for p in parts])
+        true = np.concatenate([p[2] for p in parts])
+        return (overall.loss if overall.count else math.nan), predicted, true
 
     def evaluate(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -279,13 +326,16 @@ class Run:
         self.model.eval()
         self.train_order.set_epoch(0)
         images, labels = self._to_device(*next(iter(self.train_batches)))
-        loss = float(self.loss_fn(self.forward(images).float(), labels))
+        loss = float(self.loss_fn(self.eval_forward(images).float(), labels))
         expected = math.log(len(self.classes))
         far = abs(loss - expected) > max(0.5, 0.25 * expected)
         return {"initial_loss": loss, "expected_ln_classes": expected, "far_from_expected": far}
 
     def overfit_batch(self, max_steps: int = 500) -> dict[str, Any]:
         """Train on one batch until it is learnt: a model that cannot do this has a bug."""
+        if self.dist.active:  # each rank would stop at its own batch, and DDP's steps would hang
+            raise LoadbenchError("--overfit-batch checks one batch in a single process: run it "
+                                 "without torchrun")  # fmt: skip
         self.train_mode()
         self.train_order.set_epoch(0)
         images, labels = self._to_device(*next(iter(self.train_batches)))
@@ -305,7 +355,8 @@ class Run:
         """torch.compile the model; the compile time is measured apart from the epochs."""
         if not self.config.compile:
             return
-        self.forward = torch.compile(self.model)
+        self.forward = torch.compile(self.ddp or self.model)
+        self.eval_forward = torch.compile(self.model) if self.ddp else self.forward
         state = {k: v.clone() for k, v in self.model.state_dict().items()}
         started = time.perf_counter()
         self.train_order.set_epoch(0)
@@ -315,7 +366,7 @@ class Run:
             self.loss_fn(self.forward(images).float(), labels).backward()
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            self.forward(images)
+            self.eval_forward(images)
         self._sync()
         self.compile_time_s = time.perf_counter() - started
         self.optimizer.zero_grad(set_to_none=True)
@@ -326,6 +377,8 @@ class Run:
         for epoch in range(start_epoch, c.epochs + 1):
             lr = current_lr(self.optimizer)
             record = {"epoch": epoch, "lr": lr, **self.train_epoch(epoch), **self.evaluate()}
+            extras = self.epoch_extras() if self.epoch_extras is not None else {}
+            record = gather_epoch(self.dist, record, extras)  # + `ranks` under DDP
             self.schedule.after_epoch()
             self.history.append(record)
             stop = self._early_stopping(record)
@@ -355,7 +408,7 @@ class Run:
 
     # -- files ---------------------------------------------------------------------------------
     def _save_progress(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:  # under DDP rank 0 writes
             return
         os.makedirs(self.out_dir, exist_ok=True)
         write_history(os.path.join(self.out_dir, "history.csv"), self.history)
@@ -369,12 +422,14 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "history": self.history,
             "best": self.best,
+            "world_size": self.dist.world,
         }
         ckpt.save_atomic(state, os.path.join(self.out_dir, "checkpoint.pt"))
 
     def restore(self, out_dir: str) -> int:
         """Load the last checkpoint of `out_dir`; returns the epoch to continue from."""
         state = ckpt.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
+        _check_world_size(out_dir, int(state.get("world_size", 1)), self.dist.world)
         if self.config.schedule == "onecycle":
             planned = state["schedule"].get("total_steps")
             if planned != self.schedule.scheduler.total_steps:
@@ -394,13 +449,32 @@ class Run:
         return int(state["epoch"]) + 1
 
 
+def _check_world_size(out_dir: str, saved: int, world: int) -> None:
+    """A run resumes with the world size it was trained with: each rank's shard, and so the
+    steps per epoch and the schedule, depend on it."""
+    if saved == world:
+        return
+    how = (
+        f"resume it under torchrun with {saved} processes (e.g. `torchrun --nproc-per-node "
+        f"{saved} -m loadbench train --resume {out_dir}`)"
+        if saved > 1
+        else f"resume it without torchrun (`loadbench train --resume {out_dir}`)"
+    )
+    raise LoadbenchError(
+        f"{out_dir} was trained with world size {saved} and this run has world size {world}; "
+        f"{how}, or start a new run"
+    )
+
+
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return (
         f"epoch {r['epoch']}/{epochs}  {r['time_s']:.2f}s  lr {r['lr']:.3g}  "
         f"train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.3f}  "
         f"val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.3f}  "
         f"data wait {r['data_wait_s']:.2f}s  {r['images_per_s']:,.0f} img/s"
-    )
+        + (f"  ({len(r['ranks'])} ranks, slowest/median {r['straggler_ratio']:.2f}x)"
+           if r.get("straggler_ratio") else "")
+    )  # fmt: skip
 
 
 def write_history(path: str, history: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loadbench import progress
+from loadbench.errors import LoadbenchError
 from loadbench.training.loop import Run
 
 
@@ -30,6 +31,8 @@ def lr_find(
     diverge: float = 4.0,
 ) -> LrFindResult:
     """Sweep the lr of `run`'s optimizer from start_lr to end_lr over `num_it` batches."""
+    if run.dist.active:  # each rank would stop at its own loss, and DDP's steps would hang
+        raise LoadbenchError("lr-find sweeps in a single process: run it without torchrun")
     model_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     optimizer_state = run.optimizer.state_dict()
     lrs, losses, smoothed = [], [], []

@@ -142,3 +142,13 @@ class EpochMeter:
     def count(self) -> int:
         """Number of samples seen."""
         return self._count
+
+    def totals(self) -> tuple[float, int, int]:
+        """(loss sum, correct, count): what DDP ranks add up into one meter."""
+        return self._loss_sum, self._correct, self._count
+
+    @classmethod
+    def from_totals(cls, loss_sum: float, correct: int, count: int) -> EpochMeter:
+        meter = cls()
+        meter._loss_sum, meter._correct, meter._count = float(loss_sum), int(correct), int(count)
+        return meter

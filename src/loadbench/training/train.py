@@ -21,6 +21,7 @@ from loadbench.store import Store, open_data
 from loadbench.training import checkpoint as ckpt
 from loadbench.training.config import TrainConfig, load_config
 from loadbench.training.data import EpochOrder, SplitPlan, labels_of, make_batches
+from loadbench.training.distributed import is_main_process, model_digest
 from loadbench.training.loop import Run, RunResult, write_json
 from loadbench.training.metrics import classification_report
 from loadbench.training.models import count_parameters
@@ -47,14 +48,17 @@ def train(
         raise LoadbenchError(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
-    store = store if store is not None else open_data(config.data)
+    store = store if store is not None else open_data(config.data, cache_dir=config.cache_dir)
     with Run(config, store, plan=plan, out_dir=out, callbacks=callbacks) as run:
         return _train(run, config, out, resume)
 
 
 def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
-    progress.console.print(f"[dim]{run.plan.note}; device {run.device}[/dim]")
+    dist = run.dist  # under torchrun: every rank trains, rank 0 prints and writes
+    ranks = f"; {dist.world} processes ({dist.backend})" if dist.active else ""
+    progress.console.print(f"[dim]{run.plan.note}; device {run.device}{ranks}[/dim]")
     start = run.restore(out) if resume else 1
+    dist.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
     sanity = run.initial_loss()
     if start == 1 and sanity["far_from_expected"]:
         progress.console.print(
@@ -62,9 +66,10 @@ def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
             f"from ln({len(run.classes)}) = {sanity['expected_ln_classes']:.3f}; check the labels, "
             "the normalisation and the last layer"
         )
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(config.model_copy(update={"out": out}).to_yaml())
+    if dist.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(config.model_copy(update={"out": out}).to_yaml())
     run.maybe_compile()
     try:
         run.fit(start)
@@ -112,6 +117,11 @@ def finish(run: Run, sanity: dict[str, Any]) -> dict[str, Any]:
             **classification_report(test_true, test_pred, run.classes),
         }
         metrics["images"]["test"] = len(test_true)
+    if run.dist.active:
+        metrics["distributed"] = _replicas(run)
+    if not run.dist.is_main:  # every rank holds the same metrics; rank 0 writes them
+        run.dist.barrier()
+        return metrics
     ckpt.save_model(os.path.join(out, "model.pt"), run.model, run.meta())
     write_json(os.path.join(out, "metrics.json"), metrics)
     held_out = "" if plan.eval_split == "val" else f" (val = the {plan.eval_split} split)"
@@ -121,7 +131,22 @@ def finish(run: Run, sanity: dict[str, Any]) -> dict[str, Any]:
         evaluated["confusion_matrix"], run.classes, os.path.join(out, "confusion.png"),
         title=f"{plan.eval_split}: accuracy {evaluated['accuracy']:.3f}",
     )  # fmt: skip
+    run.dist.barrier()  # no rank returns before the files are there
     return metrics
+
+
+def _replicas(run: Run) -> dict[str, Any]:
+    """The world, and a digest of every rank's final weights: DDP keeps replicas identical,
+    and this records that it did."""
+    digests = run.dist.all_gather_object(model_digest(run.model))
+    identical = len(set(digests)) == 1
+    if not identical:
+        progress.console.print(
+            "[yellow]warning:[/yellow] the ranks ended with different weights; model.pt holds "
+            "rank 0's"
+        )
+    return {"world_size": run.dist.world, "backend": run.dist.backend,
+            "model_sha256": digests, "identical": identical}  # fmt: skip
 
 
 def _plain_batches(run: Run, split: str):
@@ -130,7 +155,7 @@ def _plain_batches(run: Run, split: str):
     c = run.config
     return make_batches(
         run.store, split, order, access=c.access, batch_size=c.batch_size, workers=0,
-        pin_memory=False, device=run.device, augmenter=None,
+        pin_memory=False, device=run.device, augmenter=None, shard=run.shard(even=False),
     )  # fmt: skip
 
 
@@ -138,7 +163,7 @@ def train_kfold(config: TrainConfig, store: Store | None = None) -> RunResult:
     """K stratified folds of the training split, one run each, and their mean +- std."""
     from sklearn.model_selection import StratifiedKFold
 
-    store = store if store is not None else open_data(config.data)
+    store = store if store is not None else open_data(config.data, cache_dir=config.cache_dir)
     out = config.out or default_out_dir(config)
     labels = labels_of(store, "train")
     counts = np.bincount(labels)
@@ -162,7 +187,8 @@ def train_kfold(config: TrainConfig, store: Store | None = None) -> RunResult:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "per_fold": values,
         }
-    write_json(os.path.join(out, "kfold.json"), summary)
+    if is_main_process():
+        write_json(os.path.join(out, "kfold.json"), summary)
     return RunResult(out, [], {"kfold": summary}, results[-1].model)
 
 
