@@ -250,24 +250,30 @@ class FreshInterpreters:
     def __init__(self, python: str):
         self.python = python
 
+    def command(self, spec_file: str, result_file: str) -> list[str]:
+        return [self.python, "-m", "loadbench.bench.worker", spec_file, result_file]
+
+    def stop(self, process: subprocess.Popen) -> None:
+        """Stop a run and everything it started (it is in a session of its own)."""
+        _kill_group(process.pid)
+        process.wait()
+
     def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
         """Exit code (negative: killed by that signal), or None after a timeout."""
         from loadbench.bench.zygote import die_with_parent
 
-        command = [self.python, "-m", "loadbench.bench.worker", spec_file, result_file]
         with open(log_file, "wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent,
+                self.command(spec_file, result_file), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
             try:
                 return process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(process.pid)
-                process.wait()
+                self.stop(process)
                 return None
             except BaseException:  # Ctrl-C: the run is in its own session and would go on
-                _kill_group(process.pid)
+                self.stop(process)
                 raise
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import subprocess
 from typing import Any
 
 from loadbench.bench.experiment import Distributed
+from loadbench.bench.runner import FreshInterpreters
 from loadbench.bench.worker import RANK_FAILED
 from loadbench.errors import LoadbenchError
 
@@ -45,37 +46,23 @@ def torchrun_args(distributed: Distributed, run_id: str) -> list[str]:
     return [*args, "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
 
 
-class Torchrun:
-    """Launches each run under torchrun; the same `run()` as the runner's other launchers."""
+class Torchrun(FreshInterpreters):
+    """Launches each run under torchrun (exit code non-zero when a rank failed, None after a
+    timeout), as the runner's other launchers do."""
 
     def __init__(self, python: str, distributed: Distributed):
-        self.python, self.distributed = python, distributed
+        super().__init__(python)
+        self.distributed = distributed
         torchrun_args(distributed, "check")  # a missing rendezvous is said before any run
 
-    def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
-        """Exit code of torchrun (non-zero when a rank failed), or None after a timeout."""
-        from loadbench.bench.zygote import die_with_parent
-
+    def command(self, spec_file: str, result_file: str) -> list[str]:
         run_id = os.path.basename(spec_file).removesuffix(".json")  # the run's key
-        command = [self.python, "-m", "torch.distributed.run",
-                   *torchrun_args(self.distributed, run_id),
-                   "-m", "loadbench.bench.worker", spec_file, result_file]  # fmt: skip
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
-            try:
-                return process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                stop(process)
-                return None
-            except BaseException:  # Ctrl-C: the ranks are in sessions of their own
-                stop(process)
-                raise
+        return [self.python, "-m", "torch.distributed.run",
+                *torchrun_args(self.distributed, run_id),
+                "-m", "loadbench.bench.worker", spec_file, result_file]  # fmt: skip
 
-    def close(self) -> None:
-        pass
+    def stop(self, process: subprocess.Popen) -> None:
+        stop(process)  # the ranks are in sessions of their own
 
 
 def stop(process: subprocess.Popen) -> None:
