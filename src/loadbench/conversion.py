@@ -353,8 +353,8 @@ def _parallel_mode(fmt, source: Source, layouts: list[SplitLayout], jobs: int) -
     if not source.decoded:
         return "read"
     progress.note(
-        f"--jobs {jobs}: {fmt.name} writes each split with one writer and the source is already "
-        "in memory, so there is nothing to share; converting with one process"
+        f"--jobs {jobs}: {fmt.name} writes each split with one writer and the source is in "
+        "memory already: converting with one process"
     )
     return None
 
