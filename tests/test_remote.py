@@ -99,6 +99,12 @@ def remote_stores(s3, source, tmp_path_factory):
     return made
 
 
+def source_store(source):
+    from loadbench.store import MemoryStore
+
+    return MemoryStore(source)
+
+
 def all_images(store, split="train"):
     reader = store.raw(split)
     return reader.read_batch(np.arange(len(reader)))
@@ -202,10 +208,15 @@ def test_an_upload_cut_short_is_not_a_store(s3, source, monkeypatch):
     with pytest.raises(LoadbenchError, match="cannot reach"):
         loadbench.convert(source, "npy", f"{bucket}/npy")
     monkeypatch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()  # instances bound the patched method
     assert len(sent) == 2
     with pytest.raises(LoadbenchError, match="no manifest.json"):
         open_store(f"{bucket}/npy")
-    assert not loadbench.convert(source, "npy", f"{bucket}/npy", overwrite=True).skipped
+    again = loadbench.convert(source, "npy", f"{bucket}/npy", overwrite=True, jobs=2)
+    assert not again.skipped  # written by two processes, then uploaded
+    np.testing.assert_array_equal(all_images(again)[0], all_images(source_store(source))[0])
+    with pytest.raises(LoadbenchError, match="--jobs -1"):
+        loadbench.convert(source, "npy", f"{bucket}/npy", jobs=-1)
 
 
 def test_bad_urls_buckets_and_credentials_get_one_clear_error(s3, source):

@@ -163,6 +163,7 @@ def convert(
     """
     if isinstance(source, str):
         source = load_source(source)
+    jobs = resolve_jobs(jobs)
     if is_url(str(out)):
         from loadbench.upload import convert_to_url
 
@@ -170,7 +171,6 @@ def convert(
             source, format, str(out), dtype, overwrite=overwrite,
             storage_options=storage_options or {}, jobs=jobs, **options,
         )  # fmt: skip
-    jobs = resolve_jobs(jobs)
     fmt = get_format(format)
     if missing := fmt.missing():
         raise LoadbenchError(missing)
