@@ -67,13 +67,14 @@ def _existing(files: StoreFiles) -> str | None:
     """The identity of the store at `files.root`, None when there is none (or a broken one)."""
     with files.errors():
         fs = files.fs
-        bucket = files.remote_path("").strip("/").split("/")[0]
-        if not fs.exists(bucket):
-            raise LoadbenchError(
-                f"{files.root}: bucket {bucket!r} does not exist (or is not visible with these "
-                "credentials); create it first"
-            )
         if not fs.exists(files.remote_path(MANIFEST)):
+            # Asked only now: credentials may read objects without the right to see buckets.
+            bucket = files.remote_path("").strip("/").split("/")[0]
+            if not fs.exists(bucket):
+                raise LoadbenchError(
+                    f"{files.root}: bucket {bucket!r} does not exist (or is not visible with "
+                    "these credentials); create it first"
+                )
             return None
     try:
         return read_remote_manifest(files).identity
