@@ -154,23 +154,32 @@ def check_files(path: str, manifest: Manifest) -> None:
             )
 
 
+def has_remote_manifest(files: StoreFiles) -> bool:
+    """Whether a manifest is at the store's URL; a missing bucket is an error. The bucket is
+    asked about only without a manifest: credentials may read objects without seeing buckets."""
+    with files.errors():
+        fs = files.fs
+        if fs.exists(files.remote_path(MANIFEST)):
+            return True
+        bucket = files.remote_path("").strip("/").split("/")[0]
+        if not fs.exists(bucket):
+            raise LoadbenchError(
+                f"{files.root}: bucket {bucket!r} does not exist (or is not visible with "
+                "these credentials); create it or check the URL"
+            )
+    return False
+
+
 def read_remote_manifest(files: StoreFiles) -> Manifest:
     """The manifest of a store on object storage (always read from there, never cached)."""
     url = join(files.root, MANIFEST)
+    if not has_remote_manifest(files):
+        raise LoadbenchError(
+            f"{files.root} is not a loadbench store: it has no {MANIFEST}; create one with "
+            f"`loadbench convert SOURCE --format FORMAT --out {files.root}`"
+        )
     with files.errors():
-        fs = files.fs
-        if not fs.exists(files.remote_path(MANIFEST)):
-            bucket = files.remote_path("").strip("/").split("/")[0]
-            if not fs.exists(bucket):
-                raise LoadbenchError(
-                    f"{files.root}: bucket {bucket!r} does not exist (or is not visible with "
-                    "these credentials); create it or check the URL"
-                )
-            raise LoadbenchError(
-                f"{files.root} is not a loadbench store: it has no {MANIFEST}; create one with "
-                f"`loadbench convert SOURCE --format FORMAT --out {files.root}`"
-            )
-        raw = fs.cat_file(files.remote_path(MANIFEST))
+        raw = files.fs.cat_file(files.remote_path(MANIFEST))
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

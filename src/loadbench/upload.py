@@ -15,7 +15,13 @@ from typing import Any
 from loadbench import progress
 from loadbench.errors import LoadbenchError
 from loadbench.remote import StoreFiles
-from loadbench.store import MANIFEST, Store, open_store, read_remote_manifest
+from loadbench.store import (
+    MANIFEST,
+    Store,
+    has_remote_manifest,
+    open_store,
+    read_remote_manifest,
+)
 
 UPLOAD_BATCH = 256  # files per concurrent `put` (the progress bar moves between batches)
 
@@ -65,17 +71,8 @@ def convert_to_url(
 
 def _existing(files: StoreFiles) -> str | None:
     """The identity of the store at `files.root`, None when there is none (or a broken one)."""
-    with files.errors():
-        fs = files.fs
-        if not fs.exists(files.remote_path(MANIFEST)):
-            # Asked only now: credentials may read objects without the right to see buckets.
-            bucket = files.remote_path("").strip("/").split("/")[0]
-            if not fs.exists(bucket):
-                raise LoadbenchError(
-                    f"{files.root}: bucket {bucket!r} does not exist (or is not visible with "
-                    "these credentials); create it first"
-                )
-            return None
+    if not has_remote_manifest(files):
+        return None
     try:
         return read_remote_manifest(files).identity
     except LoadbenchError:
