@@ -164,19 +164,19 @@ def convert(
     if isinstance(source, str):
         source = load_source(source)
     jobs = resolve_jobs(jobs)
-    if is_url(str(out)):
-        from loadbench.upload import convert_to_url
-
-        return convert_to_url(
-            source, format, str(out), dtype, overwrite=overwrite,
-            storage_options=storage_options or {}, jobs=jobs, **options,
-        )  # fmt: skip
     fmt = get_format(format)
     if missing := fmt.missing():
         raise LoadbenchError(missing)
     options = fmt.resolve_options(dtype, {k: v for k, v in options.items() if v is not None})
-    out = os.path.abspath(os.path.expanduser(str(out)))
     identity = store_identity(source, format, dtype, options)
+    if is_url(str(out)):
+        from loadbench.upload import convert_to_url
+
+        return convert_to_url(
+            source, fmt, str(out), dtype, identity, overwrite=overwrite,
+            storage_options=storage_options or {}, jobs=jobs, options=options,
+        )  # fmt: skip
+    out = os.path.abspath(os.path.expanduser(str(out)))
     if os.path.exists(out):
         existing = _existing_identity(out)
         if existing == identity:

@@ -400,7 +400,7 @@ def _check_version(path: str, manifest: Manifest) -> None:
 
 
 def _open_remote(url: str, device, cache_dir, options) -> Store:
-    files = StoreFiles(url, options, cache_dir)
+    files = StoreFiles(url, options)  # the manifest says which cache the store's files use
     manifest = read_remote_manifest(files)
     _check_version(url, manifest)
     if get_format(manifest.format).peer:

@@ -28,28 +28,24 @@ UPLOAD_BATCH = 256  # files per concurrent `put` (the progress bar moves between
 
 def convert_to_url(
     source,
-    format: str,
+    fmt,
     url: str,
     dtype: str,
+    identity: str,
     *,
     overwrite: bool,
     storage_options: dict[str, Any],
+    options: dict[str, Any],
     staging_dir: str | None = None,
     jobs: int = 1,
-    **options: Any,
 ) -> Store:
-    """`conversion.convert` for an fsspec URL: reuse an identical store there, else convert
-    into a local staging directory and upload it."""
-    from loadbench.conversion import convert, store_identity
-    from loadbench.formats import get_format
+    """`conversion.convert` for an fsspec URL, after it resolved the format's `options` and
+    the store's `identity`: reuse an identical store there, else convert into a local staging
+    directory and upload it."""
+    from loadbench.conversion import convert
 
-    fmt = get_format(format)
     if fmt.peer:
-        raise LoadbenchError(f"{format} is a peer loader, which reads local stores only")
-    if missing := fmt.missing():
-        raise LoadbenchError(missing)
-    resolved = fmt.resolve_options(dtype, {k: v for k, v in options.items() if v is not None})
-    identity = store_identity(source, format, dtype, resolved)
+        raise LoadbenchError(f"{fmt.name} is a peer loader, which reads local stores only")
     files = StoreFiles(url, storage_options)
     existing = _existing(files)
     if existing == identity:
@@ -63,7 +59,7 @@ def convert_to_url(
             f"{url} already holds {what}; choose another --out or pass --overwrite"
         )
     with tempfile.TemporaryDirectory(prefix="loadbench-upload-", dir=staging_dir) as tmp:
-        local = convert(source, format, os.path.join(tmp, "store"), dtype, jobs=jobs, **options)
+        local = convert(source, fmt.name, os.path.join(tmp, "store"), dtype, jobs=jobs, **options)
         local.close()
         upload(local.path, files, replace=occupied)
     return open_store(url, storage_options=storage_options)

@@ -55,28 +55,31 @@ def verify_path(
     path: str, source: str | Source | None = None, psnr_threshold_db: float = DEFAULT_PSNR_DB
 ) -> list[SplitCheck]:
     """Verify one store, or every store directly inside a folder (or under a URL prefix)."""
-    if is_url(str(path)):
-        paths = find_remote_stores(str(path))
+    checks: list[SplitCheck] = []
+    sources: dict[str, Source] = {}  # one load per distinct source, shared by the stores
+    for store_path in _stores_at(str(path)):
+        checks.extend(_verify_or_report(store_path, source, psnr_threshold_db, sources))
+    return checks
+
+
+def _stores_at(path: str) -> list[str]:
+    """The store at `path`, or the stores directly inside it (a folder or a URL prefix)."""
+    if is_url(path):
+        paths = find_remote_stores(path)
         if not paths:
             raise LoadbenchError(f"{path} is neither a store nor a prefix of stores")
-        sources: dict[str, Source] = {}
-        return [c for p in paths for c in _verify_or_report(p, source, psnr_threshold_db, sources)]
-    path = os.path.abspath(os.path.expanduser(str(path)))
+        return paths
+    path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise LoadbenchError(f"no store at {path}: not a directory")
     if os.path.isfile(os.path.join(path, "manifest.json")):
-        paths = [path]
-    else:
-        paths = find_stores(path)
-        if not paths:
-            raise LoadbenchError(
-                f"{path} is neither a store nor a folder of stores (no manifest.json found)"
-            )
-    checks: list[SplitCheck] = []
-    sources: dict[str, Source] = {}  # one load per distinct source, shared by the stores
-    for store_path in paths:
-        checks.extend(_verify_or_report(store_path, source, psnr_threshold_db, sources))
-    return checks
+        return [path]
+    paths = find_stores(path)
+    if not paths:
+        raise LoadbenchError(
+            f"{path} is neither a store nor a folder of stores (no manifest.json found)"
+        )
+    return paths
 
 
 def _verify_or_report(path, source, threshold, sources) -> list[SplitCheck]:
