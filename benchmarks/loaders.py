@@ -24,11 +24,13 @@ import torch
 
 import loadbench
 from loadbench.bench.experiment import Experiment
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 from loadbench.formats import PEER_NAMES, codecs, get_format
-from loadbench.formats.base import to_tensor
+from loadbench.formats.pixels import to_tensor
 from loadbench.report.data import load_results
-from loadbench.training.data import EpochOrder, make_batches
+from loadbench.training.loaders import make_batches
+from loadbench.training.order import EpochOrder
 
 DATASETS = {
     "cifar-like": "synthetic:cifar-like?count={n}&eval_count=1000",

@@ -20,7 +20,8 @@ import statistics
 import tempfile
 
 from loadbench.bench.experiment import Experiment
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 
 FORMATS = ["npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "files-jpeg", "tensor"]
 FORMAT_OPTIONS = {"hdf5": {"chunk_images": 256}}

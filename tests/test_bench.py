@@ -14,9 +14,11 @@ import pytest
 import torch
 import yaml
 
-from loadbench.bench.experiment import Experiment, expand, load_experiment, plan_runs
+from loadbench.bench.experiment import Experiment, load_experiment
+from loadbench.bench.matrix import expand, plan_runs
 from loadbench.bench.pagecache import evict, resident_fraction, store_files
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 from loadbench.bench.telemetry import Sampler
 from loadbench.errors import LoadbenchError
 

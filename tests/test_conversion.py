@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import loadbench
-from loadbench.conversion import ContentHash, checksum_block, convert_many
+from loadbench.checksums import ContentHash, checksum_block
+from loadbench.conversion import convert_many
 from loadbench.formats.npy import NpyWriter
 
 

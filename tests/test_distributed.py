@@ -16,14 +16,18 @@ import torch
 import yaml
 
 import loadbench
-from loadbench.bench.experiment import Experiment, expand, load_experiment, plan_runs
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.experiment import Experiment, load_experiment
+from loadbench.bench.matrix import expand, plan_runs
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 from loadbench.bench.torchrun import failure_summary
 from loadbench.errors import LoadbenchError
 from loadbench.report.render import write_report
 from loadbench.training.checkpoint import load_model
-from loadbench.training.data import DEBUG_INDICES, EpochOrder, EpochSampler, Shard
 from loadbench.training.distributed import Dist, gather_epoch, model_digest, straggler_ratio
+from loadbench.training.loaders import EpochSampler
+from loadbench.training.order import EpochOrder
+from loadbench.training.sharding import DEBUG_INDICES, Shard
 
 TINY = "synthetic:cifar-like?count=96&eval_count=32&size=12&classes=3"
 TRAIN = ["--widths", "4,8", "--batch-norm", "--batch-size", "16", "--device", "cpu"]
@@ -94,7 +98,7 @@ def test_device_access_keeps_only_the_ranks_block_resident(tmp_path):
     labels = store.raw("train").labels()
     order = EpochOrder(np.arange(96), labels, seed=3)
     order.set_epoch(1)
-    from loadbench.training.data import DeviceBatches
+    from loadbench.training.resident import DeviceBatches
 
     ranks = [DeviceBatches(store, "train", order, 16, "cpu", None, Shard(r, 2)) for r in (0, 1)]
     assert [b.rows.tolist() for b in ranks] == [list(range(48)), list(range(48, 96))]
@@ -124,7 +128,7 @@ def test_peer_loaders_are_refused_under_ddp_and_skipped_in_a_distributed_matrix(
     source = loadbench.load_source(TINY)
     store = loadbench.convert(source, "torchvision-imagefolder", tmp_path / "peer")
     order = EpochOrder(np.arange(96), store.raw("train").labels(), seed=0)
-    from loadbench.training.data import make_batches
+    from loadbench.training.loaders import make_batches
 
     with pytest.raises(LoadbenchError, match="cannot shard across torchrun"):
         make_batches(store, "train", order, access="sample", batch_size=8, workers=0,

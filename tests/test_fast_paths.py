@@ -9,17 +9,13 @@ import torch
 
 import loadbench
 from conftest import valid_combinations
-from loadbench.bench.experiment import Experiment, expand, plan_runs
+from loadbench.bench.experiment import Experiment
+from loadbench.bench.matrix import expand, plan_runs
 from loadbench.formats import codecs
-from loadbench.formats.base import ChunkCache
-from loadbench.training.data import (
-    Augmenter,
-    EpochOrder,
-    RingBatches,
-    block_order,
-    build_augment,
-    make_batches,
-)
+from loadbench.formats.chunked import ChunkCache
+from loadbench.training.augment import Augmenter, build_augment
+from loadbench.training.loaders import RingBatches, make_batches
+from loadbench.training.order import EpochOrder, block_order
 
 ARRAY_FORMATS = ["npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tensor"]
 
@@ -252,7 +248,8 @@ def test_a_broken_image_still_raises_the_pillow_error():
 
 
 def test_block_shuffle_runs_are_recorded_and_reported_with_their_order_quality(tmp_path):
-    from loadbench.bench.runner import read_runs, run_experiment
+    from loadbench.bench.records import read_runs
+    from loadbench.bench.runner import run_experiment
     from loadbench.report.render import write_report
 
     exp = Experiment.model_validate({

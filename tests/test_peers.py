@@ -15,12 +15,15 @@ import torch
 
 import loadbench
 from conftest import psnr
-from loadbench.bench.experiment import Experiment, expand
+from loadbench.bench.experiment import Experiment
+from loadbench.bench.matrix import expand
 from loadbench.errors import LoadbenchError
 from loadbench.formats import PEER_NAMES, get_format
 from loadbench.sources.base import stratified_sample
+from loadbench.training.augment import Augmenter, build_augment
 from loadbench.training.config import TrainConfig
-from loadbench.training.data import Augmenter, EpochOrder, build_augment, make_batches
+from loadbench.training.loaders import make_batches
+from loadbench.training.order import EpochOrder
 from loadbench.training.train import train
 from loadbench.verify import verify_store
 

@@ -14,7 +14,8 @@ import yaml
 
 import loadbench
 from loadbench.bench.experiment import load_experiment
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 from loadbench.errors import LoadbenchError
 from loadbench.formats import FORMAT_NAMES, get_format
 from loadbench.remote import storage_options
@@ -147,7 +148,8 @@ def test_verify_reads_every_store_under_a_prefix(remote_stores):
 
 
 def test_the_read_through_cache_counts_hits_and_misses_in_every_process(remote_stores, tmp_path):
-    from loadbench.training.data import EpochOrder, make_batches, shutdown
+    from loadbench.training.loaders import make_batches, shutdown
+    from loadbench.training.order import EpochOrder
 
     _, remote = remote_stores["files-png"]
     cache = tmp_path / "cache"
@@ -261,7 +263,8 @@ def test_the_cli_converts_to_s3_verifies_and_trains_from_it(s3, tmp_path):
 
 
 def test_the_server_going_away_mid_epoch_is_a_clear_error(source):
-    from loadbench.training.data import EpochOrder, make_batches, shutdown
+    from loadbench.training.loaders import make_batches, shutdown
+    from loadbench.training.order import EpochOrder
 
     server = S3()
     with environment(**server.env):

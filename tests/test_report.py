@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from loadbench.bench.experiment import load_experiment
-from loadbench.bench.runner import read_runs, run_experiment
+from loadbench.bench.records import read_runs
+from loadbench.bench.runner import run_experiment
 from loadbench.errors import LoadbenchError
 from loadbench.report.data import load_results
 from loadbench.report.render import write_report

@@ -17,8 +17,7 @@ from typing import Any
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
 from loadbench.sources import from_arrays, load_source
-
-__version__ = "0.1.0"
+from loadbench.version import __version__
 
 _LAZY = {
     "open_store": "loadbench.store",

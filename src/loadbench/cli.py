@@ -86,7 +86,7 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     if version:
-        from loadbench import __version__
+        from loadbench.version import __version__
 
         stdout.print(f"loadbench {__version__}")
         raise typer.Exit()
@@ -796,7 +796,8 @@ def bench(
     import os
 
     from loadbench import progress
-    from loadbench.bench.experiment import expand, load_experiment, plan_runs
+    from loadbench.bench.experiment import load_experiment
+    from loadbench.bench.matrix import expand, plan_runs
     from loadbench.bench.runner import run_experiment
 
     exp = load_experiment(experiment)

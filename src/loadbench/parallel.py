@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from loadbench.errors import LoadbenchError
+from loadbench.util import die_with_parent
 
 Report = Callable[[int], None]  # a worker's `report(n)`: n more images done
 
@@ -146,12 +147,7 @@ def _serve(run: Callable[[Any, Report], Any], tasks, results, parent: int) -> No
 
 def _end_with(parent: int) -> None:
     """On Linux, have the kernel end this worker when its parent ends, however it ends (a
-    busy worker would otherwise write on into a store nobody will finish)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the idle check in `_serve` remains
-        return
-    if os.getppid() != parent:  # the parent ended before the line above
+    busy worker would otherwise write on into a store nobody will finish). Elsewhere the idle
+    check in `_serve` remains."""
+    if die_with_parent() and os.getppid() != parent:  # the parent ended before it was asked
         os._exit(1)

@@ -1,4 +1,4 @@
-"""Converting into object storage: the store is written locally, then uploaded, manifest last.
+"""Putting a store on object storage: a store converted locally is uploaded, manifest last.
 
 Object storage has no rename, so the manifest is the commit: it is removed first when a store is
 replaced and written only after every other file is up. A reader (`open_store`) refuses a prefix
@@ -9,73 +9,27 @@ for a store, and converting again replaces it.
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any
 
 from loadbench import progress
 from loadbench.errors import LoadbenchError
-from loadbench.remote import StoreFiles
-from loadbench.store import (
-    MANIFEST,
-    Store,
-    has_remote_manifest,
-    open_store,
-    read_remote_manifest,
-)
+from loadbench.manifest import MANIFEST, has_manifest, read_manifest
+from loadbench.storefiles import StoreFiles
 
 UPLOAD_BATCH = 256  # files per concurrent `put` (the progress bar moves between batches)
 
 
-def convert_to_url(
-    source,
-    fmt,
-    url: str,
-    dtype: str,
-    identity: str,
-    *,
-    overwrite: bool,
-    storage_options: dict[str, Any],
-    options: dict[str, Any],
-    staging_dir: str | None = None,
-    jobs: int = 1,
-) -> Store:
-    """`conversion.convert` for an fsspec URL, after it resolved the format's `options` and
-    the store's `identity`: reuse an identical store there, else convert into a local staging
-    directory and upload it."""
-    from loadbench.conversion import convert
-
-    if fmt.peer:
-        raise LoadbenchError(f"{fmt.name} is a peer loader, which reads local stores only")
-    files = StoreFiles(url, storage_options)
-    existing = _existing(files)
-    if existing == identity:
-        store = open_store(url, storage_options=storage_options)
-        store.skipped = True
-        return store
-    occupied = existing is not None or _occupied(files)
-    if occupied and not overwrite:
-        what = "a different store" if existing else "objects that are not a store"
-        raise LoadbenchError(
-            f"{url} already holds {what}; choose another --out or pass --overwrite"
-        )
-    with tempfile.TemporaryDirectory(prefix="loadbench-upload-", dir=staging_dir) as tmp:
-        local = convert(source, fmt.name, os.path.join(tmp, "store"), dtype, jobs=jobs, **options)
-        local.close()
-        upload(local.path, files, replace=occupied)
-    return open_store(url, storage_options=storage_options)
-
-
-def _existing(files: StoreFiles) -> str | None:
+def existing_identity(files: StoreFiles) -> str | None:
     """The identity of the store at `files.root`, None when there is none (or a broken one)."""
-    if not has_remote_manifest(files):
+    if not has_manifest(files):
         return None
     try:
-        return read_remote_manifest(files).identity
+        return read_manifest(files).identity
     except LoadbenchError:
         return None
 
 
-def _occupied(files: StoreFiles) -> bool:
+def occupied(files: StoreFiles) -> bool:
+    """Whether anything is under the prefix (a store, a broken one, or other objects)."""
     with files.errors():
         return bool(files.fs.find(files.remote_path("").rstrip("/"), maxdepth=None))
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loadbench import progress
-from loadbench.conversion import ContentHash
+from loadbench.checksums import ContentHash
 from loadbench.errors import LoadbenchError
 from loadbench.formats import to_stored, to_uint8
+from loadbench.manifest import MANIFEST, find_remote_stores, find_stores
 from loadbench.remote import is_url
 from loadbench.sources import Source, load_source
-from loadbench.store import Store, find_remote_stores, find_stores, open_store
+from loadbench.store import Store, open_store
 
 DEFAULT_PSNR_DB = 30.0
 
@@ -72,7 +73,7 @@ def _stores_at(path: str) -> list[str]:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise LoadbenchError(f"no store at {path}: not a directory")
-    if os.path.isfile(os.path.join(path, "manifest.json")):
+    if os.path.isfile(os.path.join(path, MANIFEST)):
         return [path]
     paths = find_stores(path)
     if not paths:

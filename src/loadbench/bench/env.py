@@ -87,7 +87,7 @@ def environment(stores_dir: str | None = None) -> dict[str, Any]:
     import numpy
     import torch
 
-    from loadbench import __version__
+    from loadbench.version import __version__
 
     memory = psutil.virtual_memory()
     return {

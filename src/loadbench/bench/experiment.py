@@ -20,17 +20,14 @@ repeats, and the training every run does. Validated with pydantic; expanded into
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats import DTYPES, expand_names, get_format
+from loadbench.formats import expand_names
 from loadbench.remote import is_url, storage_options
 from loadbench.training.config import ORDER_DEFAULTS, TrainConfig, explain
 
@@ -38,7 +35,6 @@ from loadbench.training.config import ORDER_DEFAULTS, TrainConfig, explain
 MATRIX_KEYS = {"data", "out", "access", "workers", "batch_size", "pin_memory", "epochs", "seed",
                "kfold", "resume", "overfit_batch", "shuffle", "shuffle_window",
                "chunk_cache_mb"}  # fmt: skip
-SCHEMA = 1
 
 
 class Dataset(BaseModel):
@@ -226,160 +222,3 @@ def load_experiment(path: str | None) -> Experiment:
             else:
                 problems.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
         raise LoadbenchError(f"{path}: " + "; ".join(problems)) from None
-
-
-@dataclass
-class Cell:
-    """One combination of the matrix (all repeats of it share the store and the settings)."""
-
-    dataset: Dataset
-    format: str
-    dtype: str
-    access: str
-    workers: int
-    cache: str
-    shuffle: str = "exact"
-    storage: Storage = field(default_factory=Storage)
-    skip: str | None = None  # why this combination is not run
-
-    @property
-    def label(self) -> str:
-        order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
-        where = "" if self.storage.local else f" @{self.storage.label}"
-        return (
-            f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
-            f"{order} {self.cache}{where}"
-        )
-
-
-@dataclass
-class RunSpec:
-    """Everything one run needs; written to a file for the run's own process."""
-
-    key: str
-    repeat: int
-    seed: int
-    cell: Cell
-    experiment: Experiment
-    store_path: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def settings(self) -> dict[str, Any]:
-        """The resolved configuration of the run (what the key hashes, minus the repeat)."""
-        e, c = self.experiment, self.cell
-        # Keys added after the first schema appear only when not at their default, so that
-        # the runs of older results directories keep their keys.
-        later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
-                 "chunk_cache_mb": e.chunk_cache_mb}  # fmt: skip
-        remote = {} if c.storage.local else {"storage": c.storage.key()}
-        return {
-            **{k: v for k, v in later.items() if v != ORDER_DEFAULTS[k]},
-            **remote,
-            **({"distributed": e.distributed.model_dump()} if e.distributed else {}),
-            "schema": SCHEMA,
-            "dataset": c.dataset.model_dump(),
-            "format": c.format,
-            "dtype": c.dtype,
-            "format_options": e.format_options.get(c.format, {}),
-            "access": c.access,
-            "workers": c.workers,
-            "cache": c.cache,
-            "batch_size": e.batch_size,
-            "pin_memory": e.pin_memory,
-            "epochs": e.epochs,
-            "mode": e.mode,
-            "device": e.device,
-            "train": e.train,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "repeat": self.repeat,
-            "seed": self.seed,
-            "store_path": self.store_path,
-            "settings": self.settings(),
-            "experiment": self.experiment.model_dump(),
-            "cell": {
-                "dataset": self.cell.dataset.model_dump(),
-                "label": self.cell.dataset.label,
-                "format": self.cell.format,
-                "dtype": self.cell.dtype,
-                "access": self.cell.access,
-                "workers": self.cell.workers,
-                "cache": self.cell.cache,
-                "shuffle": self.cell.shuffle,
-                "storage": self.cell.storage.model_dump(),
-            },
-        }
-
-
-def run_key(settings: dict[str, Any], repeat: int) -> str:
-    text = json.dumps({"settings": settings, "repeat": repeat}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def expand(experiment: Experiment) -> list[Cell]:
-    """Every cell of the matrix, with invalid combinations marked (not dropped): a user sees
-    what was not run and why."""
-    cells = []
-    for dataset in experiment.datasets:
-        for fmt in experiment.formats:
-            for dtype in experiment.dtypes:
-                for access in experiment.access:
-                    for workers in experiment.workers:
-                        for shuffle in experiment.shuffle:
-                            for cache in experiment.cache_states():
-                                for storage in experiment.storage:
-                                    cell = Cell(dataset, fmt, dtype, access, workers, cache,
-                                                shuffle, storage)  # fmt: skip
-                                    options = experiment.format_options.get(fmt, {})
-                                    cell.skip = _why_not(cell, options)
-                                    cells.append(cell)
-    if experiment.distributed is not None:
-        for cell in cells:
-            if cell.skip is None and get_format(cell.format).peer:
-                cell.skip = (
-                    f"{cell.format} runs its library's own loader, which is not sharded across "
-                    "torchrun's processes"
-                )
-    return cells
-
-
-def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
-    fmt = get_format(cell.format)
-    if missing := fmt.missing():
-        return missing
-    if cell.access not in fmt.accesses:
-        return f"{cell.format} runs its own pipeline with {'/'.join(fmt.accesses)} access only"
-    if cell.shuffle != "exact" and fmt.own_order:
-        return (
-            f"{cell.format} streams in its library's own order; shuffle {cell.shuffle} does not "
-            "apply"
-        )
-    if cell.dtype not in fmt.dtypes:
-        return f"{cell.format} stores {'/'.join(fmt.dtypes)} only"
-    if not cell.storage.local:
-        if fmt.peer:
-            return f"{cell.format} is a peer loader, which reads local stores only"
-        if fmt.needs_local_file(options) and not cell.storage.cache_dir:
-            return f"{cell.format} reads a real file: on object storage it needs storage.cache_dir"
-    if cell.access == "device" and cell.workers:
-        return "device access uses no DataLoader workers (run with workers 0)"
-    if cell.dtype not in DTYPES:
-        return f"unknown dtype {cell.dtype}"
-    return None
-
-
-def plan_runs(experiment: Experiment, cells: list[Cell]) -> list[RunSpec]:
-    """Runs in interleaved order: repeat 1 of every cell, then repeat 2, ... so that drift on
-    a noisy machine spreads over all formats instead of favouring the ones run first."""
-    runs = []
-    for repeat in range(experiment.repeats):
-        for cell in cells:
-            if cell.skip:
-                continue
-            spec = RunSpec("", repeat, experiment.seed + repeat, cell, experiment)
-            spec.key = run_key(spec.settings(), repeat)
-            runs.append(spec)
-    return runs

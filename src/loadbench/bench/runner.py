@@ -1,20 +1,17 @@
 """`loadbench bench`: convert what is missing, then run the matrix, one process per run.
 
-The results directory holds `bench.json` (schema), `env.json` (machine and versions),
-`experiment.yaml` (the last experiment run into it) and `runs.jsonl`: one JSON object per
-finished run, appended and fsynced when the run ends. Runs are keyed by a hash of their
-settings and repeat, so running the same command again skips what is done: an experiment killed
-at any point loses at most the run in progress. Failed runs are recorded with their error and
-tried again on the next invocation; the report keeps the last record of every key.
+Results go to a results directory (see `records.py`): one record per finished run, appended
+and fsynced when the run ends. Runs are keyed by a hash of their settings and repeat, so running
+the same command again skips what is done: an experiment killed at any point loses at most the
+run in progress. Failed runs are recorded with their error and tried again on the next
+invocation; the report keeps the last record of every key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +22,21 @@ import yaml
 
 from loadbench import progress
 from loadbench.bench.env import environment
-from loadbench.bench.experiment import SCHEMA, Cell, Experiment, RunSpec, expand, plan_runs
-from loadbench.bench.worker import base_record, clean, now
+from loadbench.bench.experiment import Experiment
+from loadbench.bench.launch import FreshInterpreters, Template
+from loadbench.bench.matrix import Cell, RunSpec, expand, plan_runs
+from loadbench.bench.records import (
+    MARKER,
+    RESULTS_SCHEMA,
+    RUNS,
+    RunRecord,
+    append_run,
+    read_runs,
+)
+from loadbench.bench.torchrun import Torchrun, settle
 from loadbench.errors import LoadbenchError
 from loadbench.remote import join
-
-RUNS = "runs.jsonl"
+from loadbench.util import now_iso, write_text_atomic
 
 
 def default_stores_dir() -> str:
@@ -47,61 +53,28 @@ class Outcome:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (run, error)
 
 
-def read_runs(results_dir: str) -> list[dict[str, Any]]:
-    """Every record of runs.jsonl; a line cut short by a crash is ignored."""
-    path = os.path.join(results_dir, RUNS)
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # the last line of a process killed while writing
-    return records
-
-
-def append_run(results_dir: str, record: dict[str, Any]) -> None:
-    line = json.dumps(clean(record), allow_nan=False) + "\n"
-    with open(os.path.join(results_dir, RUNS), "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def prepare_results(results_dir: str, experiment: Experiment, stores_dir: str) -> None:
     os.makedirs(results_dir, exist_ok=True)
-    marker = os.path.join(results_dir, "bench.json")
+    marker = os.path.join(results_dir, MARKER)
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
             found = json.load(f).get("schema")
-        if found != SCHEMA:
+        if found != RESULTS_SCHEMA:
             raise LoadbenchError(
                 f"{results_dir} holds results of schema {found}; this loadbench writes schema "
-                f"{SCHEMA}: use another --out"
+                f"{RESULTS_SCHEMA}: use another --out"
             )
     elif os.listdir(results_dir) and not os.path.isfile(os.path.join(results_dir, RUNS)):
         raise LoadbenchError(f"{results_dir} is not empty and is not a results directory")
     else:
-        _write(marker, json.dumps({"schema": SCHEMA, "created": now()}))
+        write_text_atomic(marker, json.dumps({"schema": RESULTS_SCHEMA, "created": now_iso()}))
     env_path = os.path.join(results_dir, "env.json")
     if not os.path.isfile(env_path):
-        _write(env_path, json.dumps(environment(stores_dir), indent=1))
-    _write(
+        write_text_atomic(env_path, json.dumps(environment(stores_dir), indent=1))
+    write_text_atomic(
         os.path.join(results_dir, "experiment.yaml"),
         yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False),
     )
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def store_dir_for(stores_dir: str, cell: Cell, source, options: dict) -> str:
@@ -133,7 +106,7 @@ def run_experiment(
     outcome.not_run = [(c.label, c.skip) for c in cells if c.skip]
     runs = plan_runs(experiment, cells)
     prepare_results(results_dir, experiment, stores_dir)
-    done = {r["key"] for r in read_runs(results_dir) if r.get("status") == "ok"}
+    done = {r.get("key") for r in read_runs(results_dir) if r.get("status") == "ok"}
     pending = [r for r in runs if r.key not in done]
     outcome.skipped_done = len(runs) - len(pending)
     if not pending:
@@ -160,12 +133,12 @@ def run_experiment(
                     advance(1)
                     continue
                 append_run(results_dir, record)
-                if record["status"] == "ok":
+                if record.status == "ok":
                     outcome.ok += 1
                 else:
                     outcome.failed += 1
-                    outcome.failures.append((label, record.get("error", "?")))
-                    progress.console.print(f"[red]failed:[/red] {record.get('error')}")
+                    outcome.failures.append((label, record.error or "?"))
+                    progress.console.print(f"[red]failed:[/red] {record.error}")
                 advance(1)
     finally:
         processes.close()
@@ -244,151 +217,49 @@ def _device_too_small(spec: RunSpec, store: dict[str, Any]) -> str | None:
     return None
 
 
-class FreshInterpreters:
-    """Each run in a new `python -m loadbench.bench.worker` (pays the imports every time)."""
-
-    def __init__(self, python: str):
-        self.python = python
-
-    def command(self, spec_file: str, result_file: str) -> list[str]:
-        return [self.python, "-m", "loadbench.bench.worker", spec_file, result_file]
-
-    def stop(self, process: subprocess.Popen) -> None:
-        """Stop a run and everything it started (it is in a session of its own)."""
-        _kill_group(process.pid)
-        process.wait()
-
-    def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
-        """Exit code (negative: killed by that signal), or None after a timeout."""
-        from loadbench.bench.zygote import die_with_parent
-
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                self.command(spec_file, result_file), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )  # fmt: skip
-            try:
-                return process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.stop(process)
-                return None
-            except BaseException:  # Ctrl-C: the run is in its own session and would go on
-                self.stop(process)
-                raise
-
-    def close(self) -> None:
-        pass
-
-
-class Template:
-    """Runs forked from a template process that has imported everything once (zygote.py)."""
-
-    def __init__(self, python: str):
-        self.process = subprocess.Popen(
-            [python, "-m", "loadbench.bench.zygote"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
-        if self._read(timeout=300).get("ready") is not True:
-            raise LoadbenchError("the benchmark's template process did not start")
-
-    def _read(self, timeout: float | None) -> dict[str, Any]:
-        import select
-
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.process.stdout.readline()
-        if not line:
-            raise LoadbenchError("the benchmark's template process died")
-        return json.loads(line)
-
-    def run(self, spec_file: str, result_file: str, log_file: str, timeout: float) -> int | None:
-        request = {"spec": spec_file, "result": result_file, "log": log_file}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        pid = self._read(timeout=60)["pid"]
-        try:
-            status = self._read(timeout=timeout)["status"]
-        except TimeoutError:
-            _kill_group(pid)
-            self._read(timeout=60)
-            return None
-        except BaseException:  # Ctrl-C: stop the run too, it is in its own session
-            _kill_group(pid)
-            raise
-        return os.waitstatus_to_exitcode(status)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _kill_group(pid: int) -> None:
-    import signal
-
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def launcher(experiment: Experiment, python: str):
+    """How each run's process starts (see `launch.py`)."""
     if experiment.distributed is not None:  # each run under torchrun (bench/torchrun.py)
-        from loadbench.bench.torchrun import Torchrun
-
         return Torchrun(python, experiment.distributed)
     if experiment.fresh_interpreter or not hasattr(os, "fork"):
         return FreshInterpreters(python)
     return Template(python)
 
 
-def _one_run(
-    spec: RunSpec, store: dict[str, Any], scratch: str, processes
-) -> dict[str, Any] | None:
+def _one_run(spec: RunSpec, store: dict[str, Any], scratch: str, processes) -> RunRecord | None:
     if "error" in store:
-        record = base_record(spec.to_json())
-        record.update({"status": "failed", "error": store["error"], "finished": now()})
-        return record
-    spec.store_path = store["path"]
-    payload = {**spec.to_json(), "store": store["info"]}
+        return spec.record().fail(store["error"])
+    spec.store_path, spec.store = store["path"], store["info"]
     spec_file = os.path.join(scratch, f"{spec.key}.json")
     result_file = os.path.join(scratch, f"{spec.key}.result.json")
     log_file = os.path.join(scratch, f"{spec.key}.log")
-    with open(spec_file, "w", encoding="utf-8") as f:
-        json.dump(clean(payload), f)
+    write_text_atomic(spec_file, spec.model_dump_json())
     started = time.perf_counter()
     returncode = processes.run(spec_file, result_file, log_file, spec.experiment.timeout_s)
     with open(log_file, encoding="utf-8", errors="replace") as f:
         log = f.read()
-    stderr = log[-4000:]
     wrote_result = os.path.isfile(result_file)
-    if os.path.isfile(result_file):
+    if wrote_result:
         with open(result_file, encoding="utf-8") as f:
-            record = json.load(f)
+            record = RunRecord.model_validate_json(f.read())
         os.remove(result_file)
     else:  # killed (OOM, signal) or timed out: nothing was written by the run itself
-        record = base_record(payload)
-        if returncode is None:
-            why = f"timed out after {spec.experiment.timeout_s:g} s"
-        elif returncode < 0:
-            why = f"killed by signal {-returncode}" + (
-                " (out of memory?)" if -returncode == 9 else ""
-            )
-        else:
-            why = f"exited with code {returncode} without a result"
-        tail = stderr.strip().splitlines()[-3:] if stderr else []
-        record.update({
-            "status": "failed", "error": why + (f": {' | '.join(tail)}" if tail else ""),
-            "finished": now(),
-        })  # fmt: skip
+        record = spec.record().fail(_why_no_result(returncode, spec, log[-4000:]))
     if spec.experiment.distributed is not None:  # torchrun's verdict on every rank
-        from loadbench.bench.torchrun import settle
-
         record = settle(record, returncode, log, wrote_result, spec.experiment.distributed.nnodes)
         if record is None:
             return None
-    record["wall_s"] = time.perf_counter() - started
+    record.wall_s = time.perf_counter() - started
     return record
+
+
+def _why_no_result(returncode: int | None, spec: RunSpec, stderr: str) -> str:
+    """Why a run wrote no result, with the last lines it printed."""
+    if returncode is None:
+        why = f"timed out after {spec.experiment.timeout_s:g} s"
+    elif returncode < 0:
+        why = f"killed by signal {-returncode}" + (" (out of memory?)" if -returncode == 9 else "")
+    else:
+        why = f"exited with code {returncode} without a result"
+    tail = stderr.strip().splitlines()[-3:] if stderr else []
+    return why + (f": {' | '.join(tail)}" if tail else "")

@@ -19,12 +19,13 @@ import os
 import re
 import signal
 import subprocess
-from typing import Any
 
 from loadbench.bench.experiment import Distributed
-from loadbench.bench.runner import FreshInterpreters
-from loadbench.bench.worker import RANK_FAILED
+from loadbench.bench.launch import FreshInterpreters
+from loadbench.bench.records import RunRecord
 from loadbench.errors import LoadbenchError
+
+RANK_FAILED = "loadbench: failed on rank"  # a rank's error line in torchrun's log (worker.py)
 
 RDZV_ENDPOINT = "LOADBENCH_RDZV_ENDPOINT"
 STOP_GRACE_S = 15  # torchrun's own shutdown of its ranks after SIGTERM, before SIGKILL
@@ -110,8 +111,8 @@ def failure_summary(log: str) -> str | None:
     return text
 
 
-def settle(record: dict[str, Any], returncode: int | None, log: str, wrote_result: bool,
-           nnodes: int) -> dict[str, Any] | None:  # fmt: skip
+def settle(record: RunRecord, returncode: int | None, log: str, wrote_result: bool,
+           nnodes: int) -> RunRecord | None:  # fmt: skip
     """A distributed run's record from what rank 0 wrote and how torchrun ended: failed with
     torchrun's summary when torchrun failed (rank 0's own error, if it wrote one, after it).
     None: a multi-node run whose rank 0 was on another node (that node records it)."""
@@ -120,10 +121,10 @@ def settle(record: dict[str, Any], returncode: int | None, log: str, wrote_resul
             return None
         return record
     if returncode is None:  # timed out; the log's tail is only torchrun's reaction to SIGTERM
-        record["error"] = str(record.get("error", "timed out")).partition(": ")[0]
+        record.error = str(record.error or "timed out").partition(": ")[0]
         return record
     summary = failure_summary(log) or f"torchrun exited with code {returncode}"
-    if wrote_result and record.get("status") == "failed" and record.get("error"):
-        summary += f"; rank 0: {record['error']}"
-    record.update({"status": "failed", "error": summary})
+    if wrote_result and record.status == "failed" and record.error:
+        summary += f"; rank 0: {record.error}"
+    record.status, record.error = "failed", summary
     return record

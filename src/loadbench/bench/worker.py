@@ -1,60 +1,27 @@
 """One benchmark run, in a process of its own: `python -m loadbench.bench.worker SPEC RESULT`.
 
-A fresh interpreter per run means no page-cache mappings, allocator state, compiled kernels or
-open handles carry over from one run to the next. The result is written atomically to RESULT;
-a failure is written as a failed record with the error, and a process that is killed writes
-nothing (the runner records that).
+A fresh process per run means no page-cache mappings, allocator state, compiled kernels or open
+handles carry over from one run to the next. SPEC is a `RunSpec` as JSON; the `RunRecord` is
+written atomically to RESULT. A failure is written as a failed record with the error, and a
+process that is killed writes nothing (the runner records that).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
 import traceback
-from datetime import datetime
 from typing import Any
 
-SCHEMA = 1
-RANK_FAILED = "loadbench: failed on rank"  # a rank's error line in torchrun's log
+from loadbench.bench.matrix import RunSpec
+from loadbench.bench.records import RunRecord
+from loadbench.bench.torchrun import RANK_FAILED
+from loadbench.util import die_with_parent, now_iso, write_json_atomic
 
 
-def now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def base_record(spec: dict[str, Any]) -> dict[str, Any]:
-    s = spec["settings"]
-    return {
-        "schema": SCHEMA,
-        "key": spec["key"],
-        "status": "running",
-        "experiment": spec["experiment"]["name"],
-        "dataset": spec["cell"]["label"],
-        "source": s["dataset"]["source"],
-        "format": s["format"],
-        "dtype": s["dtype"],
-        "access": s["access"],
-        "workers": s["workers"],
-        "cache": s["cache"],
-        "shuffle": _order_settings(s)["shuffle"],
-        "storage": _storage(spec)["label"],
-        "mode": s["mode"],
-        "batch_size": s["batch_size"],
-        "epochs_planned": s["epochs"],
-        "repeat": spec["repeat"],
-        "seed": spec["seed"],
-        "settings": s,
-        "store_path": spec["store_path"],
-        "store": spec.get("store", {}),
-        "started": now(),
-        "pid": os.getpid(),
-    }
-
-
-def execute(spec: dict[str, Any]) -> dict[str, Any]:
+def execute(spec: RunSpec) -> RunRecord:
     """Run one spec; returns the finished record (raises on failure)."""
     import torch
 
@@ -63,31 +30,30 @@ def execute(spec: dict[str, Any]) -> dict[str, Any]:
     from loadbench.training.distributed import setup
     from loadbench.training.loop import resolve_device
 
-    s = spec["settings"]
-    record = base_record(spec)
-    dist = setup(resolve_device(s["device"]))  # torchrun's process group, when under it
-    device = dist.place(resolve_device(s["device"]))
-    if s["cache"] == "cold" and dist.local_rank == 0:  # once per machine
-        remote = _storage(spec)["url"] != "local"
-        record["eviction"] = evict_read_through(spec) if remote else evict(spec["store_path"])
+    e = spec.experiment
+    record = spec.record()
+    dist = setup(resolve_device(e.device))  # torchrun's process group, when under it
+    device = dist.place(resolve_device(e.device))
+    if spec.cell.cache == "cold" and dist.local_rank == 0:  # once per machine
+        remote = not spec.cell.storage.local
+        record.eviction = evict_read_through(spec) if remote else evict(spec.store_path)
     dist.barrier()  # no rank reads before the eviction
-    record["world_size"] = dist.world
+    record.world_size = dist.world
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    period = spec["experiment"]["sample_period_s"]
     started = time.perf_counter()
-    with Sampler(period, gpu_index=device.index or 0) as sampler:
-        if s["mode"] == "train":
+    with Sampler(e.sample_period_s, gpu_index=device.index or 0) as sampler:
+        if e.mode == "train":
             _train(spec, record, sampler, device, started)
         else:
             _loader_only(spec, record, sampler, device, started)
-    record["total_time_s"] = time.perf_counter() - started
+    record.total_time_s = time.perf_counter() - started
     if device.type == "cuda":
-        record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    record["sampler"] = _sampler_cost(record["epochs"], period)
-    record["device"] = str(device)
-    record["status"] = "ok"
-    record["finished"] = now()
+        record.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated(device)
+    record.sampler = _sampler_cost(record.epochs, e.sample_period_s)
+    record.device = str(device)
+    record.status = "ok"
+    record.finished = now_iso()
     return record
 
 
@@ -97,29 +63,21 @@ def _sampler_cost(epochs: list[dict[str, Any]], period: float) -> dict[str, Any]
     return {"period_s": period, "busy_s": busy, "fraction_of_epochs": busy / wall if wall else None}
 
 
-def _storage(spec: dict[str, Any]) -> dict[str, Any]:
-    """The run's storage (older specs have none: local), with its label."""
-    from loadbench.bench.experiment import Storage
-
-    storage = Storage.model_validate(spec.get("cell", {}).get("storage") or {})
-    return {**storage.model_dump(), "label": storage.label, "options": storage.options()}
-
-
-def open_run_store(spec: dict[str, Any], device):
+def open_run_store(spec: RunSpec, device):
     """The run's store: a local directory, or object storage read in place or through the
     storage's read-through cache."""
     from loadbench.store import open_store
 
-    storage = _storage(spec)
-    if storage["url"] == "local":
-        return open_store(spec["store_path"], device=str(device))
+    storage = spec.cell.storage
+    if storage.local:
+        return open_store(spec.store_path, device=str(device))
     return open_store(
-        spec["store_path"], device=str(device), cache_dir=storage["cache_dir"],
-        storage_options=storage["options"],
+        spec.store_path, device=str(device), cache_dir=storage.cache_dir,
+        storage_options=storage.options(),
     )  # fmt: skip
 
 
-def evict_read_through(spec: dict[str, Any]) -> dict[str, Any]:
+def evict_read_through(spec: RunSpec) -> dict[str, Any]:
     """A cold run on object storage starts with the store's read-through copy deleted (there
     is no page cache of the network to drop)."""
     import shutil
@@ -139,19 +97,20 @@ def _cache_window(store, since: dict[str, int] | None) -> dict[str, Any]:
     return {} if stats is None else {"read_through": stats}
 
 
-def _train(spec, record, sampler, device, started) -> None:
+def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
     from loadbench.training.config import TrainConfig
     from loadbench.training.loop import Run
     from loadbench.training.metrics import classification_report
 
-    s = spec["settings"]
+    e = spec.experiment
     store = open_run_store(spec, device)
     config = TrainConfig(
-        data=spec["store_path"], access=s["access"], workers=s["workers"],
-        batch_size=s["batch_size"], pin_memory=s["pin_memory"], epochs=s["epochs"],
-        seed=spec["seed"], device=s["device"], **_order_settings(s), **s["train"],
+        data=spec.store_path, access=spec.cell.access, workers=spec.cell.workers,
+        batch_size=e.batch_size, pin_memory=e.pin_memory, epochs=e.epochs, seed=spec.seed,
+        device=e.device, shuffle=spec.cell.shuffle, shuffle_window=e.shuffle_window,
+        chunk_cache_mb=e.chunk_cache_mb, **e.train,
     )  # fmt: skip
-    record["epochs"] = []
+    record.epochs = []
     counts = {"since": store.files.counters.snapshot() if store.files.cached else None}
 
     def telemetry() -> dict[str, Any]:  # every rank, each epoch: its entry of `ranks` under DDP
@@ -160,120 +119,92 @@ def _train(spec, record, sampler, device, started) -> None:
             counts["since"] = store.files.counters.snapshot()
         return {**sampler.window(), **window}
 
-    def on_epoch(epoch_record: dict[str, Any]) -> None:
-        record["epochs"].append(epoch_record)
-
-    run = Run(config, store, out_dir=None, callbacks=(on_epoch,), epoch_extras=telemetry)
-    record["order_quality"] = _order_quality(store, run.train_order)
+    run = Run(config, store, out_dir=None, callbacks=(record.epochs.append,),
+              epoch_extras=telemetry)  # fmt: skip
+    record.order_quality = _order_quality(store, run.train_order)
     run.maybe_compile()
-    record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
-    record["plan"] = run.plan.note
+    record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
+    record.plan = run.plan.note
     run.fit()
     loss, predicted, targets = run.predict(run.eval_batches)
     run.close()
     report = classification_report(targets, predicted, run.classes)
-    record["final"] = {
+    record.final = {
         "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
         "f1_macro": report["f1_macro"], "compile_time_s": run.compile_time_s,
     }  # fmt: skip
-    first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
-    record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+    record.time_to_first_batch_s = _time_to_first_batch(record)
 
 
-def _loader_only(spec, record, sampler, device, started) -> None:
+def _time_to_first_batch(record: RunRecord) -> float:
+    first = record.epochs[0]["first_batch_s"] if record.epochs else math.nan
+    return record.setup["time_s"] + first
+
+
+def _loader_only(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
     """Iterate the training loader and move batches to the device, with no model: the ceiling
     of a format and access mode."""
-    import torch
-
-    from loadbench.training.data import (
-        EpochOrder,
-        Shard,
-        labels_of,
-        make_batches,
-        plan_splits,
-        shutdown,
-    )
-    from loadbench.training.distributed import gather_epoch, setup
+    from loadbench.training.distributed import setup
+    from loadbench.training.loaders import make_batches, shutdown
+    from loadbench.training.order import EpochOrder
+    from loadbench.training.sharding import Shard
+    from loadbench.training.splits import labels_of, plan_splits
 
     dist = setup(device)  # the process group `execute` started, if any
-    s = spec["settings"]
+    e, cell = spec.experiment, spec.cell
     store = open_run_store(spec, device)
-    order_settings = _order_settings(s)
-    store.chunk_cache_bytes = order_settings["chunk_cache_mb"] << 20
-    plan = plan_splits(store, seed=spec["seed"])
+    store.chunk_cache_bytes = e.chunk_cache_mb << 20
+    plan = plan_splits(store, seed=spec.seed)
     order = EpochOrder(plan.train_indices, labels_of(store, "train")[plan.train_indices],
-                       spec["seed"], shuffle=order_settings["shuffle"],
-                       block=store.raw("train").block_images,
-                       window=order_settings["shuffle_window"])  # fmt: skip
-    record["order_quality"] = _order_quality(store, order)
-    pin = s["pin_memory"] if s["pin_memory"] is not None else device.type == "cuda"
+                       spec.seed, shuffle=cell.shuffle, block=store.raw("train").block_images,
+                       window=e.shuffle_window)  # fmt: skip
+    record.order_quality = _order_quality(store, order)
+    pin = e.pin_memory if e.pin_memory is not None else device.type == "cuda"
     batches = make_batches(
-        store, "train", order, access=s["access"], batch_size=s["batch_size"],
-        workers=s["workers"], pin_memory=pin and s["access"] != "device", device=device,
+        store, "train", order, access=cell.access, batch_size=e.batch_size,
+        workers=cell.workers, pin_memory=pin and cell.access != "device", device=device,
         augmenter=None, shard=Shard(dist.rank, dist.world) if dist.active else None,
     )  # fmt: skip
-    record["setup"] = {"time_s": time.perf_counter() - started, **sampler.window()}
-    record["epochs"] = []
-    for epoch in range(1, s["epochs"] + 1):
-        order.set_epoch(epoch)
-        since = store.files.counters.snapshot() if store.files.cached else None
-        t0 = time.perf_counter()
-        first, images_seen = None, 0
-        for images, labels in batches:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if first is None:
-                first = time.perf_counter() - t0
-            images_seen += len(labels)
-        elapsed = time.perf_counter() - t0
-        mine = {
-            "epoch": epoch, "time_s": elapsed, "data_wait_s": elapsed, "compute_s": 0.0,
-            "images_per_s": images_seen / elapsed if elapsed else 0.0,
-            "first_batch_s": first or 0.0, "images": images_seen,
-        }  # fmt: skip
-        telemetry = {**sampler.window(), **_cache_window(store, since)}
-        record["epochs"].append(gather_epoch(dist, mine, telemetry))  # + `ranks` under DDP
+    record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
+    record.epochs = [
+        _loader_epoch(epoch, order, batches, store, sampler, device, dist)
+        for epoch in range(1, e.epochs + 1)
+    ]
     shutdown(batches)
-    first = record["epochs"][0]["first_batch_s"] if record["epochs"] else math.nan
-    record["time_to_first_batch_s"] = record["setup"]["time_s"] + first
+    record.time_to_first_batch_s = _time_to_first_batch(record)
+
+
+def _loader_epoch(epoch: int, order, batches, store, sampler, device, dist) -> dict[str, Any]:
+    """One loader-only epoch: every batch moved to the device, timed as a whole."""
+    import torch
+
+    from loadbench.training.distributed import gather_epoch
+
+    order.set_epoch(epoch)
+    since = store.files.counters.snapshot() if store.files.cached else None
+    t0 = time.perf_counter()
+    first, images_seen = None, 0
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if first is None:
+            first = time.perf_counter() - t0
+        images_seen += len(labels)
+    elapsed = time.perf_counter() - t0
+    mine = {
+        "epoch": epoch, "time_s": elapsed, "data_wait_s": elapsed, "compute_s": 0.0,
+        "images_per_s": images_seen / elapsed if elapsed else 0.0,
+        "first_batch_s": first or 0.0, "images": images_seen,
+    }  # fmt: skip
+    telemetry = {**sampler.window(), **_cache_window(store, since)}
+    return gather_epoch(dist, mine, telemetry)  # + `ranks` under DDP
 
 
 def _order_quality(store, order) -> dict[str, Any] | None:
     """The epoch order's quality; None for a peer that streams in its library's own order."""
     return None if store.format.own_order else order.quality()
-
-
-def _order_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The epoch-order keys of a run's settings, with the defaults of runs that omit them."""
-    from loadbench.training.config import ORDER_DEFAULTS
-
-    return {key: settings.get(key, default) for key, default in ORDER_DEFAULTS.items()}
-
-
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(clean(data), f, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def clean(value: Any) -> Any:
-    """Strict JSON: NumPy scalars as numbers, NaN and infinities as null."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def main(argv: list[str]) -> int:
@@ -283,11 +214,9 @@ def main(argv: list[str]) -> int:
 
     spec_path, result_path = argv
     if under_torchrun():
-        from loadbench.bench.zygote import die_with_parent
-
         die_with_parent()  # a rank does not go on computing alone when torchrun is killed
     with open(spec_path, encoding="utf-8") as f:
-        spec = json.load(f)
+        spec = RunSpec.model_validate_json(f.read())
     try:
         record = execute(spec)
     except BaseException as e:  # the runner records the failure; the experiment goes on
@@ -298,17 +227,11 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
             print(f"{RANK_FAILED} {os.environ['RANK']}: {error}", file=sys.stderr, flush=True)
             return 1
-        record = base_record(spec)
-        record.update({
-            "status": "failed",
-            "error": error,
-            "traceback": traceback.format_exc()[-4000:],
-            "finished": now(),
-        })  # fmt: skip
-        write_json_atomic(result_path, record)
+        record = spec.record().fail(error, traceback=traceback.format_exc()[-4000:])
+        write_json_atomic(result_path, record.to_json(), fsync=True)
         return 1
     if is_main_process():
-        write_json_atomic(result_path, record)
+        write_json_atomic(result_path, record.to_json(), fsync=True)
     return 0
 
 

@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from loadbench.util import die_with_parent
+
 
 def preload() -> None:
     """Import (only import) everything a run uses."""
@@ -42,18 +44,6 @@ def preload() -> None:
 
     loadbench.formats.list_formats()  # the format modules; their libraries load lazily
     del torch
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so that a
-    runner killed with SIGKILL does not leave a run computing on its own. A no-op elsewhere."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def serve() -> None:

@@ -1,7 +1,10 @@
-"""Storage formats: one module each, registered by name. `get_format("hdf5")` returns one.
+"""Storage formats and peer loaders, by name: `get_format("hdf5")` returns one.
 
-Heavy libraries (h5py, zarr, lmdb, webdataset) are imported inside each format's writer and
-reader, so listing formats or running `loadbench --help` imports none of them.
+A format is a `Format` subclass registered with `@register_format` in a module of its own.
+The modules below are imported on first use, in this order, which is the order formats are
+listed, converted and reported in. Heavy libraries (h5py, zarr, lmdb, webdataset, torch) are
+imported inside each format's writer and reader, so listing formats, or building the command
+line, imports none of them.
 """
 
 from __future__ import annotations
@@ -10,66 +13,101 @@ import importlib
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats.base import (
-    _FORMATS,
-    DTYPES,
+    REGISTRY,
     Format,
     Option,
     SplitLayout,
     SplitReader,
     SplitWriter,
     register_format,
-    to_stored,
-    to_uint8,
+)
+from loadbench.formats.pixels import DTYPES, to_stored, to_uint8
+
+# Adding a format: its module, and one line here. One file per image, then arrays, then
+# records, then the device-resident tensor; then the peer loaders (other projects' libraries,
+# optional installs, under `loadbench.peers`).
+MODULES = (
+    "loadbench.formats.files",
+    "loadbench.formats.npy",
+    "loadbench.formats.hdf5",
+    "loadbench.formats.zarr_store",
+    "loadbench.formats.lmdb_store",
+    "loadbench.formats.webdataset",
+    "loadbench.formats.tfrecord",
+    "loadbench.formats.tensor",
+    "loadbench.peers.imagefolder",
+    "loadbench.peers.webdataset_lib",
+    "loadbench.peers.hf_datasets",
+    "loadbench.peers.litdata_lib",
 )
 
-# The order formats are listed and converted in: one file per image, then arrays, then records,
-# then the device-resident tensor.
-FORMAT_NAMES = (
-    "files-jpeg", "files-png", "npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tensor",
-)  # fmt: skip
-# Peer loaders: other projects' own libraries over the same data, benchmarked side by side.
-# Optional (`pip install loadbench[peers]`); "all" means loadbench's formats, "peers" these.
-PEER_NAMES = ("torchvision-imagefolder", "webdataset-lib", "hf-datasets", "litdata")
-ALL_NAMES = FORMAT_NAMES + PEER_NAMES
-_MODULES = {
-    "files-jpeg": "files",
-    "files-png": "files",
-    "npy": "npy",
-    "hdf5": "hdf5",
-    "zarr": "zarr_store",
-    "lmdb": "lmdb_store",
-    "webdataset": "webdataset",
-    "tfrecord": "tfrecord",
-    "tensor": "tensor",
-    **{name: "peers" for name in PEER_NAMES},
-}
-
 __all__ = [
-    "ALL_NAMES", "DTYPES", "FORMAT_NAMES", "PEER_NAMES", "Format", "Option", "SplitLayout",
-    "SplitReader", "SplitWriter", "expand_names", "get_format", "list_formats",
-    "register_format", "to_stored", "to_uint8",
+    "DTYPES", "MODULES", "Format", "Option", "SplitLayout", "SplitReader", "SplitWriter",
+    "all_names", "expand_names", "format_names", "get_format", "is_format", "list_formats",
+    "peer_names", "register_format", "to_stored", "to_uint8", "unregister_format",
 ]  # fmt: skip
 
+_loaded = False
 
-def _load_formats() -> dict[str, Format]:
-    for module in sorted(set(_MODULES.values())):
-        importlib.import_module(f"loadbench.formats.{module}")
-    return {name: _FORMATS[name] for name in ALL_NAMES if name in _FORMATS}
+
+def _registry() -> dict[str, Format]:
+    """Every format, in `MODULES` order (formats registered elsewhere after them)."""
+    global _loaded
+    if not _loaded:
+        for module in MODULES:
+            importlib.import_module(module)
+        _loaded = True
+        rank = {module: k for k, module in enumerate(MODULES)}
+        ordered = sorted(REGISTRY.values(), key=lambda f: rank.get(type(f).__module__, len(rank)))
+        REGISTRY.clear()  # the same dict, in order: base.py lists from it too
+        REGISTRY.update((f.name, f) for f in ordered)
+    return REGISTRY
+
+
+def format_names() -> list[str]:
+    """loadbench's own formats (what `--format all` means)."""
+    return [f.name for f in _registry().values() if not f.peer]
+
+
+def peer_names() -> list[str]:
+    """The peer loaders (what `--format peers` means)."""
+    return [f.name for f in _registry().values() if f.peer]
+
+
+def all_names() -> list[str]:
+    return list(_registry())
+
+
+def __getattr__(name: str):
+    # The name lists as they were constants: computed from the registry when asked.
+    lists = {"FORMAT_NAMES": format_names, "PEER_NAMES": peer_names, "ALL_NAMES": all_names}
+    if name in lists:
+        return tuple(lists[name]())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_format(name: str) -> bool:
+    return name in _registry()
 
 
 def get_format(name: str) -> Format:
-    if name not in _MODULES:
+    registry = _registry()
+    if name not in registry:
         raise LoadbenchError(
-            f"unknown format {name!r}; formats: {', '.join(FORMAT_NAMES)}; "
-            f"peer loaders: {', '.join(PEER_NAMES)}"
+            f"unknown format {name!r}; formats: {', '.join(format_names())}; "
+            f"peer loaders: {', '.join(peer_names())}"
         )
-    importlib.import_module(f"loadbench.formats.{_MODULES[name]}")
-    return _FORMATS[name]
+    return registry[name]
+
+
+def unregister_format(name: str) -> None:
+    """Forget a format registered outside `MODULES` (a plug-in, or a test's)."""
+    REGISTRY.pop(name, None)
 
 
 def list_formats(peers: bool = False) -> list[Format]:
     """loadbench's formats, then (with `peers`) the peer loaders."""
-    return [f for f in _load_formats().values() if peers or not f.peer]
+    return [f for f in _registry().values() if peers or not f.peer]
 
 
 def expand_names(names: list[str]) -> list[str]:
@@ -78,11 +116,9 @@ def expand_names(names: list[str]) -> list[str]:
     out: list[str] = []
     for name in names:
         if name == "all":
-            out.extend(FORMAT_NAMES)
+            out.extend(format_names())
         elif name == "peers":
-            out.extend(PEER_NAMES)
-        elif name in ALL_NAMES:
-            out.append(name)
+            out.extend(peer_names())
         else:
-            get_format(name)  # raises the unknown-format error
+            out.append(get_format(name).name)  # raises the unknown-format error
     return list(dict.fromkeys(out))

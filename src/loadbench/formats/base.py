@@ -1,6 +1,6 @@
 """The contract every storage format fulfils: a writer per split and a reader per split.
 
-A format is one module in `formats/` with a `Format` subclass registered by `@register_format`.
+A format is one module with a `Format` subclass registered by `@register_format`.
 Writers receive batches in split order, already in the storage dtype; readers give back stored
 pixels (H, W, C) in the storage dtype, one at a time (`read`) or a batch per call (`read_batch`,
 the fast path). Readers open files lazily in the process that uses them, so they can be sent to
@@ -17,47 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
-from loadbench.remote import StoreFiles
-
-DTYPES: dict[str, type[np.generic]] = {
-    "uint8": np.uint8,
-    "float16": np.float16,
-    "float32": np.float32,
-}
-
-
-def to_stored(images: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8 pixels -> the storage dtype: unchanged for uint8, scaled to [0, 1] for floats."""
-    if dtype == "uint8":
-        return images
-    # Divide in float32 first so float16 and float32 stores hold the same rounded values of k/255.
-    return (images.astype(np.float32) / np.float32(255)).astype(DTYPES[dtype])
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Stored pixels -> uint8, inverting `to_stored` exactly for float16 and float32."""
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.rint(images.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-
-
-def to_tensor(images):
-    """Stored (N, H, W, C) or (H, W, C) pixels -> float32 tensor (N, C, H, W) in [0, 1].
-
-    Converts once per batch: uint8 is scaled on the way, float16 widened, float32 only permuted.
-    """
-    import torch
-
-    if not isinstance(images, torch.Tensor):
-        images = np.ascontiguousarray(images)
-        if not images.flags.writeable:  # PIL and memory maps hand out read-only arrays
-            images = images.copy()
-        images = torch.from_numpy(images)
-    t = images
-    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
-    if t.dtype == torch.uint8:  # one pass: reads uint8, writes contiguous float32 (N)CHW
-        return torch.div(t, 255, out=torch.empty(t.shape, dtype=torch.float32, device=t.device))
-    return t.float().contiguous()
+from loadbench.formats.pixels import DTYPES, to_tensor
+from loadbench.storefiles import StoreFiles
 
 
 @dataclass(frozen=True)
@@ -230,8 +191,17 @@ class SplitReader:
                augmenter):  # fmt: skip
         """An iterable of (float32 images N,C,H,W in [0, 1], int64 labels N) over
         `order.draw()` of each epoch, for readers that bring their own pipeline (peer loaders);
-        None means loadbench's DataLoader path (`training.data.make_batches`)."""
+        None means loadbench's DataLoader path (`training.loaders.make_batches`)."""
         return None
+
+    def resident(self, device):
+        """The whole split as (stored images N,H,W,C, labels N) tensors on `device`, for
+        `device` access: read once here, then it lives there. Readers that load themselves
+        onto a device (the tensor format) override this."""
+        import torch
+
+        images, labels = self.read_items(np.arange(self.count, dtype=np.int64))
+        return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
     def read_batch_tensor(self, indices):
         """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model."""
@@ -278,150 +248,6 @@ def _close(handle: Any) -> None:
                 closer()
 
 
-def gather_ranges(indices: np.ndarray, block: int) -> list[tuple[int, int, np.ndarray]]:
-    """Group sorted indices by `block`-sized chunk: (first, last + 1, positions) per group.
-
-    Chunked stores decode a whole chunk per read, so a batch is read one chunk-spanning slice
-    at a time instead of one image at a time.
-    """
-    if len(indices) == 0:
-        return []
-    chunk = indices // block
-    cuts = np.flatnonzero(np.diff(chunk)) + 1
-    groups = []
-    for pos in np.split(np.arange(len(indices)), cuts):
-        groups.append((int(indices[pos[0]]), int(indices[pos[-1]]) + 1, pos))
-    return groups
-
-
-def read_by_chunks(indices: np.ndarray, block: int, read_slice, out: np.ndarray) -> np.ndarray:
-    """Fill `out` with `read_slice(lo, hi)[indices - lo]`, one slice per chunk touched."""
-    for lo, hi, pos in gather_ranges(indices, block):
-        out[pos] = read_slice(lo, hi)[indices[pos] - lo]
-    return out
-
-
-class ChunkCache:
-    """Decoded chunks by number, the least recently used dropped past `max_bytes`.
-
-    Chunked stores decode a whole chunk to return one image of it; under shuffled per-image
-    access without a cache every image costs a chunk decode. Each process (each DataLoader
-    worker) has its own cache: it lives in the reader's per-process handle.
-    """
-
-    def __init__(self, max_bytes: int):
-        from collections import OrderedDict
-
-        self.max_bytes = max_bytes
-        self.chunks: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, number: int, load) -> np.ndarray:
-        chunk = self.chunks.get(number)
-        if chunk is not None:
-            self.hits += 1
-            self.chunks.move_to_end(number)
-            return chunk
-        self.misses += 1
-        chunk = load()
-        if chunk.nbytes <= self.max_bytes:
-            self.chunks[number] = chunk
-            self.bytes += chunk.nbytes
-            while self.bytes > self.max_bytes:
-                _, dropped = self.chunks.popitem(last=False)
-                self.bytes -= dropped.nbytes
-        return chunk
-
-    def stats(self) -> dict[str, Any]:
-        total = self.hits + self.misses
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / total if total else None,
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-        }
-
-
-DEFAULT_CHUNK_CACHE_BYTES = 256 << 20
-
-
-class ChunkedArrayReader(SplitReader):
-    """Readers of array files that decode whole chunks (HDF5, Zarr): one slice per chunk.
-
-    `_open_arrays` returns {"images": array-like, "labels": ndarray, ...}; anything in it with
-    a `close()` (the file, the store) is closed with the reader. Stores written in chunks read
-    through a `ChunkCache` of `cache_bytes` per process (0 turns it off); contiguous ones
-    (unchunked HDF5) read slices of `default_chunk` images and cache nothing.
-    """
-
-    read_errors: ClassVar[tuple[type[Exception], ...]] = (OSError,)
-    cache_bytes: int = DEFAULT_CHUNK_CACHE_BYTES
-
-    def __init__(self, root: str, manifest: Any, split: str, default_chunk: int = 256):
-        super().__init__(root, manifest, split)
-        stored_chunk = manifest.splits[split].model_extra.get("chunk_images")
-        self.chunked = bool(stored_chunk)
-        # Contiguous arrays are still read in slices of `default_chunk` images, so one sparse
-        # batch does not pull the whole span between its first and last index.
-        self.chunk = stored_chunk or default_chunk
-
-    @property
-    def block_images(self) -> int | None:
-        return self.chunk if self.chunked else None
-
-    def _open(self) -> dict[str, Any]:
-        handle = self._open_arrays()
-        cached = self.chunked and self.cache_bytes > 0
-        handle["cache"] = ChunkCache(self.cache_bytes) if cached else None
-        return handle
-
-    def _open_arrays(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def cache_stats(self) -> dict[str, Any] | None:
-        """This process's chunk-cache counters (None: no cache, or nothing read yet)."""
-        if self._handle is None or self._pid != os.getpid() or self._handle["cache"] is None:
-            return None
-        return self._handle["cache"].stats()
-
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.handle["labels"], dtype=np.int64)
-
-    def _slice(self, lo: int, hi: int) -> np.ndarray:
-        try:
-            return self.handle["images"][lo:hi]
-        except self.read_errors as e:
-            raise self._damaged(f"{self.split}/images cannot be read", e) from None
-
-    def _chunk(self, number: int) -> np.ndarray:
-        lo = number * self.chunk
-        return self.handle["cache"].get(
-            number, lambda: self._slice(lo, min(lo + self.chunk, self.count))
-        )
-
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        h = self.handle
-        index = self._check_index(index)
-        if h["cache"] is None:
-            return self._slice(index, index + 1)[0], int(h["labels"][index])
-        number = index // self.chunk
-        return self._chunk(number)[index - number * self.chunk].copy(), int(h["labels"][index])
-
-    def read_items(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = self.handle
-        out = self._empty(len(indices))
-        if h["cache"] is None:
-            read_by_chunks(indices, self.chunk, self._slice, out)
-        else:
-            for lo, _, pos in gather_ranges(indices, self.chunk):
-                number = lo // self.chunk
-                out[pos] = self._chunk(number)[indices[pos] - number * self.chunk]
-        return out, h["labels"][indices]
-
-
 class Format:
     """A storage format: name, allowed dtypes, options, and its writer and reader classes."""
 
@@ -460,7 +286,7 @@ class Format:
         if dtype not in DTYPES:
             raise LoadbenchError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if dtype not in self.dtypes:
-            array_formats = ", ".join(f.name for f in _registry().values() if dtype in f.dtypes)
+            array_formats = ", ".join(f.name for f in REGISTRY.values() if dtype in f.dtypes)
             raise LoadbenchError(
                 f"{self.name} stores {'/'.join(self.dtypes)} images only; use --dtype "
                 f"{self.dtypes[0]} (float16/float32 are for array formats: {array_formats})"
@@ -513,15 +339,15 @@ class Format:
         return self.reader_class(root, manifest, split)
 
 
-_FORMATS: dict[str, Format] = {}
+# Every registered format by name. `loadbench.formats` imports the modules that declare formats
+# and keeps this in their order.
+REGISTRY: dict[str, Format] = {}
 
 
 def register_format(cls: type[Format]) -> type[Format]:
-    _FORMATS[cls.name] = cls()
+    """Class decorator: make a `Format` subclass known by its `name` (a module that declares
+    formats is listed in `loadbench.formats.MODULES`; any other module may register one too)."""
+    if not getattr(cls, "name", ""):
+        raise TypeError(f"{cls.__name__} has no name")
+    REGISTRY[cls.name] = cls()
     return cls
-
-
-def _registry() -> dict[str, Format]:
-    from loadbench.formats import _load_formats
-
-    return _load_formats()

@@ -12,15 +12,9 @@ import os
 import numpy as np
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import (
-    DTYPES,
-    ChunkedArrayReader,
-    Format,
-    Option,
-    SplitLayout,
-    SplitWriter,
-    register_format,
-)
+from loadbench.formats.base import Format, Option, SplitLayout, SplitWriter, register_format
+from loadbench.formats.chunked import ChunkedArrayReader
+from loadbench.formats.pixels import DTYPES
 
 FILE = "data.h5"
 

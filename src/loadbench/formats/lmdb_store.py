@@ -12,14 +12,8 @@ import os
 
 import numpy as np
 
-from loadbench.formats.base import (
-    DTYPES,
-    Format,
-    SplitLayout,
-    SplitReader,
-    SplitWriter,
-    register_format,
-)
+from loadbench.formats.base import Format, SplitLayout, SplitReader, SplitWriter, register_format
+from loadbench.formats.pixels import DTYPES
 
 LABEL_BYTES = 8
 

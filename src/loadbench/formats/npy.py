@@ -11,15 +11,8 @@ import os
 
 import numpy as np
 
-from loadbench.formats.base import (
-    DTYPES,
-    Format,
-    SplitLayout,
-    SplitReader,
-    SplitWriter,
-    register_format,
-)
-from loadbench.remote import RangeArray
+from loadbench.formats.base import Format, SplitLayout, SplitReader, SplitWriter, register_format
+from loadbench.formats.pixels import DTYPES
 
 
 class NpyWriter(SplitWriter):
@@ -111,6 +104,63 @@ class NpyReader(SplitReader):
 
     def close(self) -> None:
         self._handle = None  # memmaps unmap when the last reference goes
+
+
+class RangeArray:
+    """A `.npy` array on object storage, indexed like a memory map: `a[i]`, `a[lo:hi]` and
+    `a[sorted_indices]` read only the bytes of those rows (contiguous runs in one request each,
+    all runs of a call fetched concurrently)."""
+
+    def __init__(self, files, rel: str):
+        self.files, self.rel = files, rel
+        head = files.read_ranges([rel], [0], [4096])[0]
+        f = io.BytesIO(head)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran:
+            raise ValueError(f"{rel} is in Fortran order")
+        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), f.tell()
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, runs: list[tuple[int, int]]) -> np.ndarray:
+        starts = [self.offset + lo * self.row_bytes for lo, _ in runs]
+        stops = [self.offset + hi * self.row_bytes for _, hi in runs]
+        data = self.files.read_ranges([self.rel] * len(runs), starts, stops)
+        if any(len(d) != b - a for d, a, b in zip(data, starts, stops, strict=True)):
+            raise OSError(f"{self.rel} is shorter than its header says")
+        joined = b"".join(data)
+        return np.frombuffer(joined, dtype=self.dtype).reshape(-1, *self.row_shape).copy()
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("RangeArray slices have step 1")
+            return self._rows([(lo, hi)]) if hi > lo else self._rows([])[:0]
+        if np.isscalar(key):
+            return self._rows([(int(key), int(key) + 1)])[0]
+        indices = np.asarray(key, dtype=np.int64)
+        if len(indices) == 0:
+            return np.empty((0, *self.row_shape), dtype=self.dtype)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(ordered, cuts)]
+        rows = self._rows(runs)
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0 : len(self)]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 @register_format

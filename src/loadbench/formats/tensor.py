@@ -14,8 +14,9 @@ import io
 import numpy as np
 import torch
 
-from loadbench.formats.base import Format, SplitReader, register_format, to_tensor
+from loadbench.formats.base import Format, SplitReader, register_format
 from loadbench.formats.npy import NpyWriter
+from loadbench.formats.pixels import to_tensor
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -75,6 +76,11 @@ class TensorReader(SplitReader):
         h = self.handle
         index = torch.as_tensor(indices, dtype=torch.long, device=h["device"])
         return h["images"][index].cpu().numpy(), h["labels"][index].cpu().numpy()
+
+    def resident(self, device):
+        """The split as this reader loads it: straight onto `device` (through CuPy there)."""
+        self.device = str(device)
+        return self.handle["images"], self.handle["labels"]
 
     def read_batch_tensor(self, indices):
         """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it.

@@ -15,7 +15,8 @@ import struct
 
 import numpy as np
 
-from loadbench.formats.base import DTYPES, SplitLayout, SplitWriter, register_format
+from loadbench.formats.base import SplitLayout, SplitWriter, register_format
+from loadbench.formats.pixels import DTYPES
 from loadbench.formats.records import (
     INDEX_DTYPE,
     SHARD_OPTION,

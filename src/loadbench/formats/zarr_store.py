@@ -14,16 +14,11 @@ import zipfile
 import numpy as np
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import (
-    DTYPES,
-    ChunkedArrayReader,
-    Format,
-    Option,
-    SplitLayout,
-    SplitWriter,
-    register_format,
-)
+from loadbench.formats.base import Format, Option, SplitLayout, SplitWriter, register_format
+from loadbench.formats.chunked import ChunkedArrayReader
 from loadbench.formats.hdf5 import auto_chunk
+from loadbench.formats.pixels import DTYPES
+from loadbench.remote import join
 
 DIRECTORY = "data.zarr"
 ZIP = "data.zarr.zip"
@@ -139,7 +134,7 @@ class ZarrReader(ChunkedArrayReader):
             if zipped:  # a remote zip is read from its read-through copy
                 store = ZipStore(self.files.local_path(ZIP), mode="r")
             else:  # a directory, or fsspec's store for object storage
-                store = self.files.zarr_store(DIRECTORY)
+                store = zarr_store(self.files, DIRECTORY)
             group = zarr.open_group(store, mode="r")
             images, labels = group[self.split]["images"], group[self.split]["labels"][:]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
@@ -185,3 +180,73 @@ class ZarrFormat(Format):
                     path = os.path.join(dirpath, name)
                     z.write(path, os.path.relpath(path, directory))
         shutil.rmtree(directory)
+
+
+# -- reading a store's zarr group wherever it is -------------------------------------------------
+
+
+def zarr_store(files, rel: str):
+    """A read-only zarr store of the directory `rel` of a store: a local directory, fsspec's
+    store in place on object storage, or the store's read-through copies (`files.cached`)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if not files.remote:
+        return LocalStore(os.path.join(files.root, rel), read_only=True)
+    if not files.cached:  # zarr makes its own asynchronous filesystem
+        with files.errors():
+            return FsspecStore.from_url(
+                join(files.root, rel), storage_options=files.options, read_only=True
+            )
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    fs = AsyncFileSystemWrapper(_cache_filesystem(files), asynchronous=True)
+    return FsspecStore(fs, read_only=True, path=rel)
+
+
+def _cache_filesystem(files):
+    """A read-only fsspec view of a store through its read-through copies, for zarr: paths are
+    relative to the store's root; a missing object is FileNotFoundError. (The class is made on
+    first use: fsspec is imported only by remote stores.)"""
+    global _CACHE_FS
+    if _CACHE_FS is None:
+        _CACHE_FS = _cache_filesystem_class()
+    return _CACHE_FS(files)
+
+
+_CACHE_FS = None
+
+
+def _cache_filesystem_class():
+    from fsspec import AbstractFileSystem
+
+    class CacheFileSystem(AbstractFileSystem):
+        protocol = "loadbench-cache"
+        cachable = False
+
+        def __init__(self, files):
+            super().__init__()
+            self.files = files
+
+        def _open(self, path, mode="rb", **kwargs):
+            if mode != "rb":
+                raise PermissionError("read-only")
+            try:
+                return open(self.files.local_path(path.lstrip("/")), "rb")
+            except LoadbenchError as e:
+                if "not found" in str(e):
+                    raise FileNotFoundError(path) from None
+                raise
+
+        def info(self, path, **kwargs):
+            with self.files.errors():
+                info = self.files.fs.info(self.files.remote_path(path.lstrip("/")))
+            return {**info, "name": path}
+
+        def ls(self, path, detail=True, **kwargs):
+            base = self.files.remote_path("").rstrip("/")
+            with self.files.errors():
+                found = self.files.fs.ls(self.files.remote_path(path.lstrip("/")), detail=True)
+            out = [{**f, "name": f["name"][len(base) + 1 :]} for f in found]
+            return out if detail else [f["name"] for f in out]
+
+    return CacheFileSystem

@@ -16,10 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from loadbench.bench.runner import RUNS, read_runs
+from loadbench.bench.records import MARKER, RESULTS_SCHEMA, RUNS, RunRecord, latest_records
 from loadbench.errors import LoadbenchError
 
-SCHEMA = 1
 # A row of a table (+ cache); storage is "local" or the label of an object storage;
 # world_size is 1 but for distributed runs (ranks under torchrun).
 CONFIG = ["format", "dtype", "access", "workers", "shuffle", "storage", "world_size"]
@@ -30,7 +29,7 @@ class Results:
     path: str
     runs: pd.DataFrame  # ok runs, latest record per key
     epochs: pd.DataFrame  # one row per epoch of the ok runs
-    failed: list[dict[str, Any]]  # failed runs (latest record per key)
+    failed: list[RunRecord]  # failed runs (latest record per key)
     env: dict[str, Any]
     experiment: dict[str, Any]
     schema: int | None
@@ -65,7 +64,7 @@ def _json(path: str) -> dict[str, Any]:
 def load_results(path: str) -> Results:
     """Read a results directory written by `loadbench bench`."""
     path = os.path.abspath(os.path.expanduser(str(path)))
-    marker = os.path.join(path, "bench.json")
+    marker = os.path.join(path, MARKER)
     if not os.path.isdir(path) or not (
         os.path.isfile(marker) or os.path.isfile(os.path.join(path, RUNS))
     ):
@@ -75,10 +74,10 @@ def load_results(path: str) -> Results:
         )
     notes = []
     schema = _json(marker).get("schema")
-    if schema != SCHEMA:
+    if schema != RESULTS_SCHEMA:
         notes.append(
-            f"results schema {schema} (this report reads {SCHEMA}): columns it lacks are shown "
-            "as missing"
+            f"results schema {schema} (this report reads {RESULTS_SCHEMA}): columns it lacks "
+            "are shown as missing"
         )
     import yaml
 
@@ -87,19 +86,16 @@ def load_results(path: str) -> Results:
     if os.path.isfile(exp_file):
         with open(exp_file, encoding="utf-8") as f:
             experiment = yaml.safe_load(f) or {}
-    latest: dict[str, dict[str, Any]] = {}
-    for record in read_runs(path):
-        if "key" in record:
-            latest[record["key"]] = record
-    ok = [r for r in latest.values() if r.get("status") == "ok"]
-    failed = [r for r in latest.values() if r.get("status") != "ok"]
+    latest = latest_records(path)
+    ok = [r for r in latest if r.status == "ok"]
+    failed = [r for r in latest if r.status != "ok"]
     if not latest:
         notes.append("no finished run yet: runs.jsonl is empty or missing")
     elif not ok:
         notes.append("every recorded run failed: there is nothing to measure")
     runs = pd.DataFrame([run_row(r) for r in ok], columns=RUN_COLUMNS)
     epochs = pd.DataFrame(
-        [epoch_row(r, e) for r in ok for e in r.get("epochs") or []], columns=EPOCH_COLUMNS
+        [epoch_row(r, e) for r in ok for e in r.epochs or []], columns=EPOCH_COLUMNS
     )
     env = _json(os.path.join(path, "env.json"))
     if not env:
@@ -123,7 +119,12 @@ EPOCH_COLUMNS = [
 ]  # fmt: skip
 
 
-def _get(d: dict[str, Any], *keys, default=None):
+# What a run row takes from its record as it is.
+RECORD_KEYS = ["key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache",
+               "mode", "repeat", "seed"]  # fmt: skip
+
+
+def _get(d: dict[str, Any] | None, *keys, default=None):
     for key in keys:
         if not isinstance(d, dict) or key not in d or d[key] is None:
             return default
@@ -135,32 +136,22 @@ def _values(epochs: list[dict[str, Any]], key: str) -> list[float]:
     return [e[key] for e in epochs if e.get(key) is not None]
 
 
-def run_row(r: dict[str, Any]) -> dict[str, Any]:
+def run_row(r: RunRecord) -> dict[str, Any]:
     """One run reduced: the first epoch apart, the steady state as the median of the rest."""
-    epochs = r.get("epochs") or []
+    epochs = r.epochs or []
     steady = epochs[1:] or epochs
     times = _values(steady, "time_s")
     wall = sum(times)
-    images = sum((_get(r, "store", "images") or {}).values()) or None
+    images = sum((r.store.get("images") or {}).values()) or None
     gpu_util = _values(epochs, "gpu_util_pct_mean")
     gpu_mem = _values(epochs, "gpu_mem_used_bytes_max")
     return {
-        "key": r.get("key"),
-        "dataset": r.get("dataset"),
-        "format": r.get("format"),
-        "dtype": r.get("dtype"),
-        "access": r.get("access"),
-        "workers": r.get("workers"),
-        "shuffle": r.get("shuffle", "exact"),
-        "cache": r.get("cache", "warm"),
-        "mode": r.get("mode"),
-        "repeat": r.get("repeat"),
-        "seed": r.get("seed"),
+        **{k: getattr(r, k) for k in RECORD_KEYS},
         "epochs": len(epochs),
         "first_epoch_s": epochs[0].get("time_s") if epochs else None,
         "epoch_s": statistics.median(times) if times else None,
-        "total_time_s": r.get("total_time_s"),
-        "time_to_first_batch_s": r.get("time_to_first_batch_s"),
+        "total_time_s": r.total_time_s,
+        "time_to_first_batch_s": r.time_to_first_batch_s,
         "images_per_s": _median(_values(steady, "images_per_s")),
         "stall_share": sum(_values(steady, "data_wait_s")) / wall if wall else None,
         "data_wait_s": _median(_values(steady, "data_wait_s")),
@@ -171,17 +162,17 @@ def run_row(r: dict[str, Any]) -> dict[str, Any]:
         "read_bytes": sum(_values(epochs, "read_bytes")) if epochs else None,
         "gpu_util_pct_mean": _median(gpu_util),
         "gpu_mem_bytes_max": max(gpu_mem, default=None),
-        "cuda_max_allocated_bytes": r.get("cuda_max_allocated_bytes"),
-        "store_bytes": _get(r, "store", "bytes"),
-        "bytes_per_image": (_get(r, "store", "bytes") or 0) / images if images else None,
-        "convert_time_s": _get(r, "store", "convert_time_s"),
-        "final_accuracy": _get(r, "final", "accuracy"),
-        "eviction_effective": _get(r, "eviction", "effective"),
-        "order_jump_ratio": _get(r, "order_quality", "jump_ratio"),
-        "order_same_class": _get(r, "order_quality", "same_class"),
-        "storage": r.get("storage", "local"),
+        "cuda_max_allocated_bytes": r.cuda_max_allocated_bytes,
+        "store_bytes": r.store.get("bytes"),
+        "bytes_per_image": (r.store.get("bytes") or 0) / images if images else None,
+        "convert_time_s": r.store.get("convert_time_s"),
+        "final_accuracy": _get(r.final, "accuracy"),
+        "eviction_effective": _get(r.eviction, "effective"),
+        "order_jump_ratio": _get(r.order_quality, "jump_ratio"),
+        "order_same_class": _get(r.order_quality, "same_class"),
+        "storage": r.storage,
         "read_through_hit_rate": _hit_rate(epochs),
-        "world_size": r.get("world_size") or 1,
+        "world_size": r.world_size or 1,
         "straggler_ratio": _median(_values(steady, "straggler_ratio")),
         "rank_images_per_s": _per_rank(steady, "images_per_s"),
     }
@@ -205,11 +196,9 @@ def _hit_rate(epochs: list[dict[str, Any]]) -> float | None:
     return hits / total if total else None
 
 
-def epoch_row(r: dict[str, Any], e: dict[str, Any]) -> dict[str, Any]:
-    row = {k: r.get(k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
-                                 "cache", "repeat")}  # fmt: skip
-    row["shuffle"] = r.get("shuffle", "exact")
-    row["storage"] = r.get("storage", "local")
+def epoch_row(r: RunRecord, e: dict[str, Any]) -> dict[str, Any]:
+    row = {k: getattr(r, k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
+                                      "cache", "repeat", "shuffle", "storage")}  # fmt: skip
     row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy",
                                       "val_loss", "val_accuracy")})  # fmt: skip
     return row

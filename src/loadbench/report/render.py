@@ -17,6 +17,7 @@ from loadbench.report.data import CONFIG, Results, load_results, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
 from loadbench.report.tables import Table, aggregate, config_name, dataset_table, summary_table
+from loadbench.util import write_text_atomic
 
 
 @dataclass
@@ -66,9 +67,9 @@ def failed_table(results: Results) -> Table | None:
         return None
     rows = []
     for r in results.failed:
-        what = f"{r.get('dataset')} {r.get('format')}/{r.get('dtype')}/{r.get('access')}"
-        what += f"/w{r.get('workers')} {r.get('cache', '')} repeat {(r.get('repeat') or 0) + 1}"
-        rows.append([what, str(r.get("error", "?"))[:300]])
+        what = f"{r.dataset} {r.format}/{r.dtype}/{r.access}"
+        what += f"/w{r.workers} {r.cache} repeat {(r.repeat or 0) + 1}"
+        rows.append([what, str(r.error or "?")[:300]])
     return Table("Failed runs", ["run", "error"], rows)
 
 
@@ -267,8 +268,4 @@ def write_report(
 
 
 def _write(path: str, text: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from loadbench.errors import LoadbenchError
+from loadbench.util import atomic_file
 
 MODEL_FORMAT = 1
 
@@ -50,9 +51,8 @@ def build_classifier(meta: dict[str, Any]) -> Classifier:
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_model(path: str, model: Classifier, meta: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import DEFAULT_CHUNK_CACHE_BYTES
+from loadbench.formats.chunked import DEFAULT_CHUNK_CACHE_BYTES
 
 MODEL_OPTION_KEYS = (
     "filters", "widths", "activation", "batch_norm", "dropout", "pool", "head", "hidden",

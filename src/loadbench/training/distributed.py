@@ -8,7 +8,7 @@ process whose collectives return at once, so training, evaluation and the benchm
 the same code either way.
 
 Under DDP every rank computes the same things from the same seed (model, normalisation, epoch
-order), trains on its shard of each epoch (`training.data.Shard`), and gathers what is reported:
+order), trains on its shard of each epoch (`training.sharding.Shard`), and gathers what is reported:
 losses, predictions and per-rank telemetry. Rank 0 alone prints and writes files.
 """
 

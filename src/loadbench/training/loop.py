@@ -25,22 +25,16 @@ from loadbench import progress
 from loadbench.errors import LoadbenchError
 from loadbench.store import Store, open_data
 from loadbench.training import checkpoint as ckpt
+from loadbench.training.augment import Augmenter, build_augment
 from loadbench.training.config import TrainConfig
-from loadbench.training.data import (
-    Augmenter,
-    EpochOrder,
-    Shard,
-    SplitPlan,
-    build_augment,
-    channel_stats,
-    labels_of,
-    make_batches,
-    plan_splits,
-    shutdown,
-)
 from loadbench.training.distributed import Dist, gather_epoch, setup
+from loadbench.training.loaders import make_batches, shutdown
 from loadbench.training.metrics import EpochMeter
 from loadbench.training.optim import current_lr, make_optimizer, make_schedule
+from loadbench.training.order import EpochOrder
+from loadbench.training.sharding import Shard
+from loadbench.training.splits import SplitPlan, channel_stats, labels_of, plan_splits
+from loadbench.util import atomic_file, write_text_atomic
 
 HISTORY_COLUMNS = (
     "epoch", "time_s", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -478,12 +472,10 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
 
 
 def write_history(path: str, history: list[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _json_able(value: Any) -> Any:
@@ -495,7 +487,4 @@ def _json_able(value: Any) -> Any:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, default=float)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=float))

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from loadbench.util import atomic_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,16 +61,8 @@ def smooth_ema(values: Sequence[float], factor: float) -> list[float]:
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with open() (not mkstemp, whose files are private 0600) so the PNG
-    # gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
     return path
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import to_tensor
+from loadbench.formats.pixels import to_tensor
 from loadbench.sources.images import read_image
 from loadbench.training.checkpoint import load_model
 from loadbench.training.models import accepts_any_size

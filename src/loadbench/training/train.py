@@ -20,12 +20,14 @@ from loadbench.errors import LoadbenchError
 from loadbench.store import Store, open_data
 from loadbench.training import checkpoint as ckpt
 from loadbench.training.config import TrainConfig, load_config
-from loadbench.training.data import EpochOrder, SplitPlan, labels_of, make_batches
 from loadbench.training.distributed import is_main_process, model_digest
+from loadbench.training.loaders import make_batches
 from loadbench.training.loop import Run, RunResult, write_json
 from loadbench.training.metrics import classification_report
 from loadbench.training.models import count_parameters
+from loadbench.training.order import EpochOrder
 from loadbench.training.plots import plot_confusion, plot_curves
+from loadbench.training.splits import SplitPlan, labels_of
 
 
 def default_out_dir(config: TrainConfig) -> str:

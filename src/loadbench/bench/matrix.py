@@ -1,0 +1,172 @@
+"""An experiment expanded: its cells (one combination of the matrix each) and its runs (a cell
+and a repeat), each run keyed by a hash of its settings.
+
+A `RunSpec` is everything one run needs. The runner writes it as JSON for the run's own process
+(a fork of the template, a fresh interpreter, or every rank under torchrun), which reads it back
+as the same typed object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loadbench.bench.experiment import Dataset, Experiment, Storage
+from loadbench.bench.records import RESULTS_SCHEMA, RunRecord
+from loadbench.formats import DTYPES, get_format
+from loadbench.training.config import ORDER_DEFAULTS
+from loadbench.util import now_iso
+
+
+class Cell(BaseModel):
+    """One combination of the matrix (all repeats of it share the store and the settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Dataset
+    format: str
+    dtype: str
+    access: str
+    workers: int
+    cache: str
+    shuffle: str = "exact"
+    storage: Storage = Field(default_factory=Storage)
+    skip: str | None = None  # why this combination is not run
+
+    @property
+    def label(self) -> str:
+        order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
+        where = "" if self.storage.local else f" @{self.storage.label}"
+        return (
+            f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
+            f"{order} {self.cache}{where}"
+        )
+
+
+class RunSpec(BaseModel):
+    """Everything one run needs, and the store it reads (set once the store is converted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = ""
+    repeat: int
+    seed: int
+    cell: Cell
+    experiment: Experiment
+    store_path: str = ""
+    store: dict[str, Any] = Field(default_factory=dict)  # the store's size, images, timings
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved configuration of the run (what the key hashes, minus the repeat)."""
+        e, c = self.experiment, self.cell
+        # Keys added after the first schema appear only when not at their default, so that
+        # the runs of older results directories keep their keys.
+        later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
+                 "chunk_cache_mb": e.chunk_cache_mb}  # fmt: skip
+        remote = {} if c.storage.local else {"storage": c.storage.key()}
+        return {
+            **{k: v for k, v in later.items() if v != ORDER_DEFAULTS[k]},
+            **remote,
+            **({"distributed": e.distributed.model_dump()} if e.distributed else {}),
+            "schema": RESULTS_SCHEMA,
+            "dataset": c.dataset.model_dump(),
+            "format": c.format,
+            "dtype": c.dtype,
+            "format_options": e.format_options.get(c.format, {}),
+            "access": c.access,
+            "workers": c.workers,
+            "cache": c.cache,
+            "batch_size": e.batch_size,
+            "pin_memory": e.pin_memory,
+            "epochs": e.epochs,
+            "mode": e.mode,
+            "device": e.device,
+            "train": e.train,
+        }
+
+    def record(self) -> RunRecord:
+        """A new record of this run, with its configuration (status `running`)."""
+        import os
+
+        c, e = self.cell, self.experiment
+        return RunRecord(
+            schema=RESULTS_SCHEMA, key=self.key, experiment=e.name, dataset=c.dataset.label,
+            source=c.dataset.source, format=c.format, dtype=c.dtype, access=c.access,
+            workers=c.workers, cache=c.cache, shuffle=c.shuffle, storage=c.storage.label,
+            mode=e.mode, batch_size=e.batch_size, epochs_planned=e.epochs, repeat=self.repeat,
+            seed=self.seed, settings=self.settings(), store_path=self.store_path,
+            store=self.store, started=now_iso(), pid=os.getpid(),
+        )  # fmt: skip
+
+
+def run_key(settings: dict[str, Any], repeat: int) -> str:
+    text = json.dumps({"settings": settings, "repeat": repeat}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def expand(experiment: Experiment) -> list[Cell]:
+    """Every cell of the matrix, with invalid combinations marked (not dropped): a user sees
+    what was not run and why."""
+    import itertools
+
+    e = experiment
+    cells = []
+    for dataset, fmt, dtype, access, workers, shuffle, cache, storage in itertools.product(
+        e.datasets, e.formats, e.dtypes, e.access, e.workers, e.shuffle, e.cache_states(),
+        e.storage,
+    ):  # fmt: skip
+        cell = Cell(dataset=dataset, format=fmt, dtype=dtype, access=access, workers=workers,
+                    cache=cache, shuffle=shuffle, storage=storage)  # fmt: skip
+        cell.skip = _why_not(cell, e.format_options.get(fmt, {}))
+        cells.append(cell)
+    if e.distributed is not None:
+        for cell in cells:
+            if cell.skip is None and get_format(cell.format).peer:
+                cell.skip = (
+                    f"{cell.format} runs its library's own loader, which is not sharded across "
+                    "torchrun's processes"
+                )
+    return cells
+
+
+def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
+    fmt = get_format(cell.format)
+    if missing := fmt.missing():
+        return missing
+    if cell.access not in fmt.accesses:
+        return f"{cell.format} runs its own pipeline with {'/'.join(fmt.accesses)} access only"
+    if cell.shuffle != "exact" and fmt.own_order:
+        return (
+            f"{cell.format} streams in its library's own order; shuffle {cell.shuffle} does not "
+            "apply"
+        )
+    if cell.dtype not in fmt.dtypes:
+        return f"{cell.format} stores {'/'.join(fmt.dtypes)} only"
+    if not cell.storage.local:
+        if fmt.peer:
+            return f"{cell.format} is a peer loader, which reads local stores only"
+        if fmt.needs_local_file(options) and not cell.storage.cache_dir:
+            return f"{cell.format} reads a real file: on object storage it needs storage.cache_dir"
+    if cell.access == "device" and cell.workers:
+        return "device access uses no DataLoader workers (run with workers 0)"
+    if cell.dtype not in DTYPES:
+        return f"unknown dtype {cell.dtype}"
+    return None
+
+
+def plan_runs(experiment: Experiment, cells: list[Cell]) -> list[RunSpec]:
+    """Runs in interleaved order: repeat 1 of every cell, then repeat 2, ... so that drift on
+    a noisy machine spreads over all formats instead of favouring the ones run first."""
+    runs = []
+    for repeat in range(experiment.repeats):
+        for cell in cells:
+            if cell.skip:
+                continue
+            spec = RunSpec(repeat=repeat, seed=experiment.seed + repeat, cell=cell,
+                           experiment=experiment)  # fmt: skip
+            spec.key = run_key(spec.settings(), repeat)
+            runs.append(spec)
+    return runs

@@ -1,0 +1,111 @@
+"""`torchvision-imagefolder`: class folders of PNG/JPEG files (the `files-*` layout) read by
+`torchvision.datasets.ImageFolder(..., transform=ToTensor())` + a DataLoader, as torchvision's
+own documentation and tutorials do:
+https://pytorch.org/vision/stable/generated/torchvision.datasets.ImageFolder.html
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from loadbench.formats import codecs
+from loadbench.formats.base import Option, SplitLayout, SplitWriter, register_format
+from loadbench.formats.files import FilesReader, FilesWriter
+from loadbench.peers.base import PeerFormat
+
+
+def _gray_loader(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("L")
+
+
+class ImageFolderReader(FilesReader):
+    """`ImageFolder` over the split's class folders (the `files-*` layout, whose fields it
+    takes from `FilesReader`); files are named by store index."""
+
+    def _open(self):
+        from torchvision import datasets, transforms
+
+        extra = {"loader": _gray_loader} if self.image_shape[2] == 1 else {}
+        try:
+            # allow_empty: a small split may lack a class; its folder is there, empty.
+            folder = datasets.ImageFolder(
+                self.dir, transform=transforms.ToTensor(), allow_empty=True, **extra
+            )
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"ImageFolder cannot open {self.dir}", e) from None
+        if folder.classes != self.class_dirs:
+            raise self._damaged(self.split, f"class folders {folder.classes}")
+        # ImageFolder sorts by class folder, then file name; the file name is the store index.
+        positions = np.full(self.count, -1, dtype=np.int64)
+        for position, (path, _) in enumerate(folder.samples):
+            index = int(os.path.splitext(os.path.basename(path))[0])
+            if 0 <= index < self.count:
+                positions[index] = position
+        if len(folder.samples) != self.count or (positions < 0).any():
+            raise self._damaged(self.split, f"{len(folder.samples)} image files")
+        labels = np.asarray(folder.targets, dtype=np.int64)[positions]
+        return {"folder": folder, "positions": positions, "labels": labels}
+
+    @property
+    def handle(self):
+        # ImageFolder holds lists, not open files: forked workers use the parent's, as in a
+        # user's script, instead of each scanning the folders again.
+        if self._handle is None:
+            self._handle, self._pid = self._open(), os.getpid()
+        return self._handle
+
+    def labels(self) -> np.ndarray:
+        return self.handle["labels"].copy()
+
+    def read_items(self, indices):
+        h = self.handle
+        folder, out = h["folder"], self._empty(len(indices))
+        for k, index in enumerate(indices):
+            path = folder.samples[h["positions"][index]][0]
+            try:
+                image = np.asarray(folder.loader(path), dtype=np.uint8)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise self._damaged(f"cannot read {path}", e) from None
+            out[k] = image[:, :, None] if image.ndim == 2 else image
+        return out, h["labels"][indices]
+
+    def samples(self, indices):
+        h = self.handle
+        return [h["folder"][int(h["positions"][i])] for i in indices]
+
+    def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
+        from loadbench.peers.pipeline import map_style_loader
+
+        _ = self.handle  # scan the folders once, here, before the workers start
+        return map_style_loader(self, order, batch_size, workers, pin_memory, augmenter)
+
+
+@register_format
+class ImageFolderPeer(PeerFormat):
+    name = "torchvision-imagefolder"
+    summary = "peer: torchvision ImageFolder + DataLoader over class folders of PNG/JPEG files"
+    requires = ("torchvision",)
+    install = "torchvision"
+    # PNG by default: lossless, so the peer trains on the very pixels the other stores hold.
+    options = {
+        "encoding": Option("png", "image file type", choices=("png", "jpeg")),
+        **codecs.JPEG_OPTIONS,
+        **codecs.PNG_OPTIONS,
+    }
+    reader_class = ImageFolderReader
+    writer_class = FilesWriter  # built in `writer()`, with the encoding as its codec
+    tracks_every_file = False  # one file per image: the manifest lists labels.npy only
+
+    def writer(self, layout: SplitLayout) -> SplitWriter:
+        return FilesWriter(layout, layout.options["encoding"])
+
+    def check(self, dtype, options):
+        codecs.check_quality(self.name, options)
+
+    def is_lossy(self, options):
+        return options["encoding"] == "jpeg"

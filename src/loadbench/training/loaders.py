@@ -1,0 +1,270 @@
+"""From a store to batches, by access mode: what the training loop iterates.
+
+- `sample`: the classic map-style Dataset + DataLoader (`num_workers`, `pin_memory`), one item
+  per `__getitem__`, the batch converted to float once.
+- `batch`: a DataLoader over a BatchSampler with `batch_size=None`: one `read_batch` call per
+  batch (sorted reads, each chunk once).
+- With workers, both hand batches back through a ring of shared-memory slots (`RingBatches`)
+  instead of torch's per-batch shared-memory transfer.
+- `device`: the whole split resident on the device (`resident.py`).
+- A reader that brings its own pipeline (a peer loader) is iterated as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from loadbench.errors import LoadbenchError
+from loadbench.formats.base import SplitReader
+from loadbench.formats.pixels import DTYPES, to_tensor
+from loadbench.store import Store
+from loadbench.training.augment import Augmenter, augment_batch
+from loadbench.training.order import EpochOrder
+from loadbench.training.resident import DeviceBatches
+from loadbench.training.sharding import Shard, trace_shard
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (position in epoch, store index, is_copy, epoch) for a DataLoader; with a
+    `shard`, only this rank's positions of the epoch (whose order every rank draws alike)."""
+
+    def __init__(self, order: EpochOrder, shard: Shard | None = None):
+        self.order, self.shard = order, shard
+        self.split = shard.sampler(len(order)) if shard is not None and shard.even else None
+
+    def __iter__(self):
+        indices, copies = self.order.draw()
+        epoch = self.order.epoch
+        if self.shard is None:
+            for position, (index, copy) in enumerate(
+                zip(indices.tolist(), copies.tolist(), strict=True)
+            ):
+                yield (position, index, copy, epoch)
+            return
+        if self.split is not None:
+            self.split.set_epoch(epoch)  # a no-op without its shuffle; called as DDP users do
+            positions = np.fromiter(iter(self.split), dtype=np.int64)
+        else:
+            positions = self.shard.positions(len(indices))
+        if self.shard.even:
+            trace_shard(self.shard, epoch, indices[positions])
+        for position in positions.tolist():
+            yield (position, int(indices[position]), bool(copies[position]), epoch)
+
+    def __len__(self) -> int:
+        if self.shard is None:
+            return len(self.order)
+        if self.split is not None:
+            return len(self.split)
+        return len(self.shard.positions(len(self.order)))
+
+
+class _SampleDataset(torch.utils.data.Dataset):
+    """`sample` access: one reader call per image. Without augmentation an item stays in the
+    storage dtype and layout, and `_collate_stored` converts the whole batch to float at once; with
+    augmentation each image is converted and augmented in the worker."""
+
+    def __init__(self, reader: SplitReader, augmenter: Augmenter | None):
+        self.reader, self.augmenter = reader, augmenter
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, key):
+        position, index, copy, epoch = key
+        image, label = self.reader.read(index)
+        if self.augmenter is None:
+            return torch.from_numpy(image), label
+        return self.augmenter(to_tensor(image), position, copy, epoch), label
+
+
+def _collate_stored(items):
+    """Stored (H, W, C) images of a batch -> one float32 (N, C, H, W) tensor, one conversion."""
+    images = torch.stack([item[0] for item in items])
+    return to_tensor(images), torch.tensor([item[1] for item in items], dtype=torch.int64)
+
+
+class _BatchDataset(_SampleDataset):
+    """`batch` access: one `read_batch` per batch (keys are lists of sampler tuples)."""
+
+    def __getitem__(self, keys):
+        images, labels = self.reader.read_batch_tensor([k[1] for k in keys])
+        return augment_batch(images, keys, self.augmenter), labels
+
+
+class _NumberedBatches(torch.utils.data.Sampler):
+    """The batches of an epoch with their number: which ring slot each one fills."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler):
+        self.batches = batches
+
+    def __iter__(self):
+        return enumerate(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _RingDataset(_SampleDataset):
+    """Access with workers: a worker fills slot k % S of a ring of shared-memory buffers made
+    before the workers start with batch k, and sends back only the slot, the count and the
+    labels (bytes). `per_item` (sample access) reads and writes image by image, as a
+    map-style Dataset does; else (batch access) with one `read_batch`."""
+
+    def __init__(self, reader: SplitReader, augmenter: Augmenter | None, ring: torch.Tensor,
+                 per_item: bool):  # fmt: skip
+        super().__init__(reader, augmenter)
+        self.ring, self.per_item = ring, per_item
+
+    def __getitem__(self, numbered):
+        number, keys = numbered
+        slot = number % len(self.ring)
+        out = self.ring[slot]
+        if self.per_item:
+            labels = np.empty(len(keys), dtype=np.int64)
+            pixels = out.numpy() if self.augmenter is None else None
+            for k, (position, index, copy, epoch) in enumerate(keys):
+                image, labels[k] = self.reader.read(index)
+                if pixels is not None:
+                    pixels[k] = image
+                else:
+                    out[k] = self.augmenter(to_tensor(image), position, copy, epoch)
+        elif self.augmenter is None:
+            images, labels = self.reader.read_batch([k[1] for k in keys])
+            out[: len(keys)].numpy()[...] = images
+        else:
+            images, labels = self.reader.read_batch_tensor([k[1] for k in keys])
+            out[: len(keys)] = augment_batch(images, keys, self.augmenter)
+        return slot, len(keys), np.asarray(labels, dtype=np.int64).tobytes()
+
+
+class RingBatches:
+    """Access with DataLoader workers, without torch's per-batch transfer.
+
+    A DataLoader sends each batch from a worker through a new shared-memory segment (create,
+    map, fault every page in, send the descriptor, map again): about 3 ms a batch on this
+    machine, which capped 2 workers at ~90k 32x32 images/s where one process reads 500k. Here
+    the workers fill slots of one ring made at the start. The ring has 2 slots more than the
+    batches that can be in flight (`prefetch_factor` x workers), because the DataLoader sends
+    batch k + prefetch_factor x workers to a worker only once batch k is handed out, and batch
+    k - 1 has been copied out of its slot by then: a slot is never written while it is read.
+    Every batch handed out is memory of its own.
+    """
+
+    PREFETCH = 2
+
+    def __init__(self, reader: SplitReader, batches: torch.utils.data.BatchSampler, *,
+                 batch_size: int, workers: int, pin_memory: bool,
+                 augmenter: Augmenter | None, per_item: bool = False):  # fmt: skip
+        h, w, c = reader.image_shape
+        slots = self.PREFETCH * workers + 2
+        if augmenter is None:  # stored pixels; converted to float here, once per batch
+            shape, dtype = (h, w, c), torch.from_numpy(np.empty(0, DTYPES[reader.dtype])).dtype
+        else:  # augmented in the workers: float32 (C, H, W)
+            shape, dtype = (c, h, w), torch.float32
+        self.ring = torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
+        self.augmenter, self.pin_memory = augmenter, pin_memory
+        self.loader = torch.utils.data.DataLoader(
+            _RingDataset(reader, augmenter, self.ring, per_item), batch_size=None,
+            sampler=_NumberedBatches(batches), num_workers=workers, persistent_workers=True,
+            prefetch_factor=self.PREFETCH,
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for slot, n, label_bytes in self.loader:
+            view = self.ring[slot, :n]
+            images = to_tensor(view) if self.augmenter is None else view
+            if images.data_ptr() == view.data_ptr():  # float32 stores, augmented: copy out
+                images = images.clone()
+            labels = torch.frombuffer(bytearray(label_bytes), dtype=torch.int64)
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def close(self) -> None:
+        stop_workers(self.loader)
+
+
+def shutdown(batches) -> None:
+    """Stop the worker processes behind `batches` (what `make_batches` returned) now."""
+    close = getattr(batches, "close", None)
+    if callable(close):  # RingBatches, peer loaders: they know their workers
+        close()
+    elif isinstance(batches, torch.utils.data.DataLoader):
+        stop_workers(batches)
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now. Left to the garbage collector, a DataLoader
+    with persistent workers waits 5 s per worker before it gives up joining them (measured:
+    20 s after a run with 2 workers)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
+
+
+_NOT_SHARDED = (
+    "{name} runs its library's own loader, which loadbench cannot shard across torchrun's "
+    "processes; run it in a single process, or use one of loadbench's formats"
+)
+
+
+def make_batches(
+    store: Store,
+    split: str,
+    order: EpochOrder,
+    *,
+    access: str,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    device,
+    augmenter: Augmenter | None,
+    shard: Shard | None = None,
+):
+    """An iterable of (images float32 N,C,H,W in [0,1], labels int64 N) for one split; with a
+    `shard` (DDP), this rank's part of it."""
+    fmt = store.format
+    if fmt is not None and access not in fmt.accesses:
+        raise LoadbenchError(
+            f"{fmt.name} runs its own pipeline with {'/'.join(fmt.accesses)} access only, "
+            f"not {access}"
+        )
+    if fmt is not None and fmt.own_order and order.mode == "block":
+        raise LoadbenchError(f"{fmt.name} streams in its library's own order; use shuffle exact")
+    if shard is not None and fmt is not None and (fmt.peer or fmt.own_order):
+        raise LoadbenchError(_NOT_SHARDED.format(name=fmt.name))
+    if access == "device":
+        return DeviceBatches(store, split, order, batch_size, device, augmenter, shard)
+    reader = store.new_reader(split)
+    reader.device = "cpu"  # a DataLoader moves batches to the device itself (tensor format too)
+    own = reader.loader(order, access=access, batch_size=batch_size, workers=workers,
+                        pin_memory=pin_memory, augmenter=augmenter)  # fmt: skip
+    if own is not None and shard is not None:
+        shutdown(own)
+        raise LoadbenchError(_NOT_SHARDED.format(name=store.format_name))
+    if own is not None:  # a peer loader: its library's own pipeline
+        return own
+    sampler = EpochSampler(order, shard)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+    if workers:  # per item (sample) or per batch, through a ring of shared buffers
+        return RingBatches(reader, batches, batch_size=batch_size, workers=workers,
+                           pin_memory=pin_memory, augmenter=augmenter,
+                           per_item=access == "sample")  # fmt: skip
+    if access == "sample":
+        return torch.utils.data.DataLoader(
+            _SampleDataset(reader, augmenter), batch_size=batch_size, sampler=sampler,
+            collate_fn=_collate_stored if augmenter is None else None, pin_memory=pin_memory,
+        )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        _BatchDataset(reader, augmenter), batch_size=None, sampler=batches, pin_memory=pin_memory
+    )
