@@ -29,7 +29,7 @@ from loadbench.bench.runner import run_experiment
 from loadbench.formats import PEER_NAMES, codecs, get_format
 from loadbench.formats.pixels import to_tensor
 from loadbench.report.data import load_results
-from loadbench.training.loaders import make_batches
+from loadbench.training.batches import make_batches
 from loadbench.training.order import EpochOrder
 
 DATASETS = {

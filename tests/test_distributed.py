@@ -128,7 +128,7 @@ def test_peer_loaders_are_refused_under_ddp_and_skipped_in_a_distributed_matrix(
     source = loadbench.load_source(TINY)
     store = loadbench.convert(source, "torchvision-imagefolder", tmp_path / "peer")
     order = EpochOrder(np.arange(96), store.raw("train").labels(), seed=0)
-    from loadbench.training.loaders import make_batches
+    from loadbench.training.batches import make_batches
 
     with pytest.raises(LoadbenchError, match="cannot shard across torchrun"):
         make_batches(store, "train", order, access="sample", batch_size=8, workers=0,

@@ -14,7 +14,8 @@ from loadbench.bench.matrix import expand, plan_runs
 from loadbench.formats import codecs
 from loadbench.formats.chunked import ChunkCache
 from loadbench.training.augment import Augmenter, build_augment
-from loadbench.training.loaders import RingBatches, make_batches
+from loadbench.training.batches import make_batches
+from loadbench.training.loaders import RingBatches
 from loadbench.training.order import EpochOrder, block_order
 
 ARRAY_FORMATS = ["npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tensor"]

@@ -10,9 +10,7 @@ from torch import nn
 
 from loadbench.errors import LoadbenchError
 from loadbench.training.models import (
-    MaxPoolIfLarger,
     accepts_any_size,
-    conv_block,
     count_parameters,
     create_model,
     list_models,
@@ -20,6 +18,7 @@ from loadbench.training.models import (
     models_table,
     options_text,
 )
+from loadbench.training.nets import MaxPoolIfLarger, conv_block
 
 MODEL_NAMES = [spec.name for spec in list_models()]
 

@@ -21,8 +21,8 @@ from loadbench.errors import LoadbenchError
 from loadbench.formats import PEER_NAMES, get_format
 from loadbench.sources.base import stratified_sample
 from loadbench.training.augment import Augmenter, build_augment
+from loadbench.training.batches import make_batches
 from loadbench.training.config import TrainConfig
-from loadbench.training.loaders import make_batches
 from loadbench.training.order import EpochOrder
 from loadbench.training.train import train
 from loadbench.verify import verify_store

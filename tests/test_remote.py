@@ -148,7 +148,7 @@ def test_verify_reads_every_store_under_a_prefix(remote_stores):
 
 
 def test_the_read_through_cache_counts_hits_and_misses_in_every_process(remote_stores, tmp_path):
-    from loadbench.training.loaders import make_batches, shutdown
+    from loadbench.training.batches import make_batches, shutdown
     from loadbench.training.order import EpochOrder
 
     _, remote = remote_stores["files-png"]
@@ -263,7 +263,7 @@ def test_the_cli_converts_to_s3_verifies_and_trains_from_it(s3, tmp_path):
 
 
 def test_the_server_going_away_mid_epoch_is_a_clear_error(source):
-    from loadbench.training.loaders import make_batches, shutdown
+    from loadbench.training.batches import make_batches, shutdown
     from loadbench.training.order import EpochOrder
 
     server = S3()

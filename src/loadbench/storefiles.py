@@ -13,8 +13,15 @@ import os
 from typing import Any
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option
 from loadbench.readthrough import ReadThroughCache
 from loadbench.remote import coalesce, filesystem, is_url, join, public_options, remote_errors
+
+READ_THROUGH_OPTIONS = {
+    "cache_dir": Option(
+        None, "s3:// stores: read through a local copy kept here", shown="read in place"
+    ),
+}
 
 
 class StoreFiles:

@@ -24,12 +24,21 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats import expand_names
+from loadbench.formats import DTYPES, expand_names, get_format
+from loadbench.formats.chunked import CHUNK_CACHE_OPTIONS
+from loadbench.options import field
 from loadbench.remote import is_url, storage_options
-from loadbench.training.config import ORDER_DEFAULTS, TrainConfig, explain
+from loadbench.sources import check_source_options
+from loadbench.training.batches import ACCESS_MODES
+from loadbench.training.config import TrainConfig, explain
+from loadbench.training.models import resolve_model_options
+from loadbench.training.order import ORDER_OPTIONS
+
+DTYPE_NAMES = tuple(DTYPES)
+SHUFFLES = ORDER_OPTIONS["shuffle"].choices
 
 # Matrix keys a run sets itself; they may not appear under `train:`.
 MATRIX_KEYS = {"data", "out", "access", "workers", "batch_size", "pin_memory", "epochs", "seed",
@@ -44,6 +53,15 @@ class Dataset(BaseModel):
     name: str | None = Field(None, description="label in results (default: from the spec)")
     limit: int | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, description="more source options")
+
+    @model_validator(mode="after")
+    def _source_options(self) -> Dataset:
+        limit = {"limit": self.limit} if self.limit else {}
+        try:
+            check_source_options(self.source, {**self.options, **limit})
+        except LoadbenchError as e:
+            raise ValueError(str(e)) from None
+        return self
 
     @property
     def label(self) -> str:
@@ -125,20 +143,18 @@ class Experiment(BaseModel):
     name: str = "experiment"
     datasets: list[Dataset] = Field(min_length=1)
     formats: list[str] = Field(default_factory=lambda: ["all"])
-    dtypes: list[Literal["uint8", "float16", "float32"]] = Field(default_factory=lambda: ["uint8"])
-    format_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    access: list[Literal["sample", "batch", "device"]] = Field(default_factory=lambda: ["sample"])
+    dtypes: list[Literal[DTYPE_NAMES]] = Field(default_factory=lambda: ["uint8"])
+    format_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="{format: {option: value}}, as `loadbench convert` takes"
+    )
+    access: list[Literal[ACCESS_MODES]] = Field(default_factory=lambda: ["sample"])
     workers: list[int] = Field(default_factory=lambda: [0])
-    shuffle: list[Literal["exact", "block"]] = Field(
-        default_factory=lambda: [ORDER_DEFAULTS["shuffle"]],
+    shuffle: list[Literal[SHUFFLES]] = Field(
+        default_factory=lambda: [ORDER_OPTIONS["shuffle"].default],
         description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
     )
-    shuffle_window: int = Field(
-        ORDER_DEFAULTS["shuffle_window"], ge=1, description="block shuffle: chunks mixed together"
-    )
-    chunk_cache_mb: int = Field(
-        ORDER_DEFAULTS["chunk_cache_mb"], ge=0, description="decoded-chunk cache per process"
-    )
+    shuffle_window: int = field(ORDER_OPTIONS["shuffle_window"])[1]
+    chunk_cache_mb: int = field(CHUNK_CACHE_OPTIONS["chunk_cache_mb"])[1]
     batch_size: int = Field(64, gt=0)
     pin_memory: bool | None = None
     epochs: int = Field(3, gt=0)
@@ -169,6 +185,16 @@ class Experiment(BaseModel):
         except LoadbenchError as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("format_options")
+    @classmethod
+    def _format_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, options in value.items():
+            try:
+                get_format(name).parse_options(options)
+            except LoadbenchError as e:
+                raise ValueError(str(e)) from None
+        return value
+
     @field_validator("storage", mode="before")
     @classmethod
     def _storage(cls, value: Any) -> Any:
@@ -189,9 +215,13 @@ class Experiment(BaseModel):
         if clash:
             raise ValueError(f"{', '.join(clash)} are set by the matrix, not under train:")
         try:
-            TrainConfig.model_validate({"data": "-", **value})
+            config = TrainConfig.model_validate({"data": "-", **value})
         except ValidationError as e:
             raise ValueError(explain(e, "train option")) from None
+        try:  # the model's own options, as the model will take them
+            resolve_model_options(config.model, config.model_options())
+        except LoadbenchError as e:
+            raise ValueError(str(e)) from None
         return value
 
     def cache_states(self) -> list[str]:

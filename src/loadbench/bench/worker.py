@@ -144,8 +144,8 @@ def _time_to_first_batch(record: RunRecord) -> float:
 def _loader_only(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
     """Iterate the training loader and move batches to the device, with no model: the ceiling
     of a format and access mode."""
+    from loadbench.training.batches import make_batches, shutdown
     from loadbench.training.distributed import setup
-    from loadbench.training.loaders import make_batches, shutdown
     from loadbench.training.order import EpochOrder
     from loadbench.training.sharding import Shard
     from loadbench.training.splits import labels_of, plan_splits

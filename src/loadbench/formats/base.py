@@ -18,18 +18,8 @@ import numpy as np
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
 from loadbench.formats.pixels import DTYPES, to_tensor
+from loadbench.options import Option
 from loadbench.storefiles import StoreFiles
-
-
-@dataclass(frozen=True)
-class Option:
-    """A format option: its type, default, allowed values and one line of help."""
-
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    kind: type = str
-    minimum: int | None = None
 
 
 @dataclass
@@ -282,7 +272,8 @@ class Format:
         )
 
     def resolve_options(self, dtype: str, given: dict[str, Any]) -> dict[str, Any]:
-        """Defaults filled in, types coerced, unknown options and bad values rejected."""
+        """Defaults filled in, types coerced, unknown options and bad values rejected, and
+        combinations the format cannot store with `dtype` refused."""
         if dtype not in DTYPES:
             raise LoadbenchError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if dtype not in self.dtypes:
@@ -291,32 +282,37 @@ class Format:
                 f"{self.name} stores {'/'.join(self.dtypes)} images only; use --dtype "
                 f"{self.dtypes[0]} (float16/float32 are for array formats: {array_formats})"
             )
+        resolved = self.parse_options(given)
+        self.check(dtype, resolved)
+        return resolved
+
+    def parse_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Every declared option: its default, or the value given, typed and checked."""
         unknown = sorted(set(given) - set(self.options))
         if unknown:
             known = ", ".join(self.options) or "none"
             raise LoadbenchError(
                 f"format {self.name} has no option {', '.join(unknown)} (its options: {known})"
             )
-        resolved = {}
-        for key, opt in self.options.items():
-            value = given.get(key, opt.default)
-            if value is not None and not isinstance(value, opt.kind):
-                try:
-                    value = opt.kind(value)
-                except (TypeError, ValueError):
-                    raise LoadbenchError(
-                        f"{self.name} option {key}={value!r} is not a {opt.kind.__name__}"
-                    ) from None
-            if opt.choices is not None and value not in opt.choices:
+        return {key: self._parse(key, opt, given.get(key, opt.default))
+                for key, opt in self.options.items()}  # fmt: skip
+
+    def _parse(self, key: str, opt: Option, value: Any) -> Any:
+        if value is not None and not isinstance(value, opt.kind):
+            try:
+                value = opt.kind(value)
+            except (TypeError, ValueError):
                 raise LoadbenchError(
-                    f"{self.name} option {key}={value!r} is not one of "
-                    f"{', '.join(map(str, opt.choices))}"
-                )
-            if opt.minimum is not None and value is not None and value < opt.minimum:
-                raise LoadbenchError(f"{self.name} option {key}={value} must be >= {opt.minimum}")
-            resolved[key] = value
-        self.check(dtype, resolved)
-        return resolved
+                    f"{self.name} option {key}={value!r} is not a {opt.kind.__name__}"
+                ) from None
+        if opt.choices is not None and value not in opt.choices:
+            raise LoadbenchError(
+                f"{self.name} option {key}={value!r} is not one of "
+                f"{', '.join(map(str, opt.choices))}"
+            )
+        if opt.minimum is not None and value is not None and value < opt.minimum:
+            raise LoadbenchError(f"{self.name} option {key}={value} must be >= {opt.minimum}")
+        return value
 
     def check(self, dtype: str, options: dict[str, Any]) -> None:
         """Combinations of dtype and options the format cannot store (override to add)."""

@@ -9,6 +9,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from loadbench.formats.base import SplitReader
+from loadbench.options import Option
+
+CHUNK_CACHE_OPTIONS = {
+    "chunk_cache_mb": Option(
+        256,
+        "MiB of decoded chunks cached per process (zarr, chunked hdf5), 0 = off",
+        kind=int,
+        minimum=0,
+    ),
+}
 
 
 def gather_ranges(indices: np.ndarray, block: int) -> list[tuple[int, int, np.ndarray]]:
@@ -78,7 +88,7 @@ class ChunkCache:
         }
 
 
-DEFAULT_CHUNK_CACHE_BYTES = 256 << 20
+DEFAULT_CHUNK_CACHE_BYTES = CHUNK_CACHE_OPTIONS["chunk_cache_mb"].default << 20
 
 
 class ChunkedArrayReader(SplitReader):

@@ -95,9 +95,15 @@ class Hdf5Format(Format):
     writer_class = Hdf5Writer
     reader_class = Hdf5Reader
     options = {
-        "chunk_images": Option(None, "images per chunk (default: contiguous)", kind=int, minimum=1),
+        "chunk_images": Option(
+            None,
+            "images per chunk",
+            kind=int,
+            minimum=1,
+            shown="contiguous; about 1 MiB when compressed",
+        ),
         "compression": Option("none", "chunk compression", choices=("none", "gzip", "lzf")),
-        "compression_level": Option(None, "gzip level 0-9", kind=int, minimum=0),
+        "compression_level": Option(None, "gzip level 0-9", kind=int, minimum=0, shown="4"),
     }
 
     def check(self, dtype, options):

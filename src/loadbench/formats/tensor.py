@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 
 from loadbench.formats.base import Format, SplitReader, register_format
 from loadbench.formats.npy import NpyWriter
@@ -23,6 +22,7 @@ def choose_device(requested: str | None = None) -> str:
     """`cuda` when available and usable in this process, else `cpu`; an explicit choice wins."""
     if requested not in (None, "auto"):
         return requested
+    import torch
     from torch.utils.data import get_worker_info
 
     if get_worker_info() is not None:
@@ -33,6 +33,8 @@ def choose_device(requested: str | None = None) -> str:
 def load_resident(path, device: str):
     """A whole `.npy` file (a path or a file object) as a tensor on `device` (CuPy + DLPack
     when both are there)."""
+    import torch
+
     if device.startswith("cuda"):
         try:
             import cupy
@@ -73,6 +75,8 @@ class TensorReader(SplitReader):
         return self.handle["labels"].cpu().numpy().astype(np.int64)
 
     def read_items(self, indices):
+        import torch
+
         h = self.handle
         index = torch.as_tensor(indices, dtype=torch.long, device=h["device"])
         return h["images"][index].cpu().numpy(), h["labels"][index].cpu().numpy()
@@ -89,6 +93,8 @@ class TensorReader(SplitReader):
         are checked on the host first, because an out-of-range index on CUDA is a device-side
         assert that kills the process, not an IndexError.
         """
+        import torch
+
         h = self.handle
         if isinstance(indices, torch.Tensor) and indices.device == h["device"]:
             index = indices.long()

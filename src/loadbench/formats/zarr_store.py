@@ -152,10 +152,10 @@ class ZarrFormat(Format):
     reader_class = ZarrReader
     options = {
         "chunk_images": Option(
-            None, "images per chunk (default: about 1 MiB)", kind=int, minimum=1
+            None, "images per chunk", kind=int, minimum=1, shown="about 1 MiB each"
         ),
         "compression": Option("none", "chunk codec", choices=COMPRESSIONS),
-        "compression_level": Option(None, "codec level (default per codec)", kind=int, minimum=0),
+        "compression_level": Option(None, "codec level", kind=int, minimum=0, shown="per codec"),
         "store": Option("dir", "a directory or one zip file", choices=("dir", "zip")),
     }
 

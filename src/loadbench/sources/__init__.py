@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl, urlencode
 from pydantic import ValidationError
 
 from loadbench.errors import LoadbenchError
-from loadbench.sources.base import RawDataset, Source, SourceOptions
+from loadbench.options import Option
+from loadbench.sources.base import COMMON_OPTIONS, RawDataset, Source, SourceOptions, options_model
 
 __all__ = [
     "SOURCE_KINDS", "Source", "SourceOptions", "from_arrays", "load_source", "register_source",
@@ -30,11 +31,17 @@ __all__ = [
 class SourceKind:
     name: str
     open: Callable[[str | None, Any], RawDataset]
-    options: type[SourceOptions]
+    options: type  # the pydantic model of its options (SourceOptions and `own`)
     arg: str  # what goes after the colon, for help texts; "" when the kind takes none
     summary: str
     arg_required: bool = True
     arg_is_path: bool = True
+    own: dict[str, Option] | None = None  # the options only this kind takes
+
+    @property
+    def declared(self) -> dict[str, Option]:
+        """Every option it takes: every source's, then its own."""
+        return {**COMMON_OPTIONS, **(self.own or {})}
 
 
 SOURCE_KINDS: dict[str, SourceKind] = {}
@@ -46,19 +53,38 @@ _KIND_MODULES = ("cifar", "idx", "tinyimagenet", "folder", "digits", "synthetic"
 def register_source(
     name: str,
     *,
-    options: type[SourceOptions] = SourceOptions,
+    options: dict[str, Option] | None = None,
     arg: str = "PATH",
     summary: str,
     arg_required: bool = True,
     arg_is_path: bool = True,
 ) -> Callable:
-    """Register `fn(arg, options) -> RawDataset` as the reader of source kind `name`."""
+    """Register `fn(arg, options) -> RawDataset` as the reader of source kind `name`;
+    `options` are the ones only this kind takes (every kind takes `COMMON_OPTIONS`)."""
+    model = options_model(name.title().replace("-", ""), options or {})
 
     def deco(fn: Callable[[str | None, Any], RawDataset]) -> Callable:
-        SOURCE_KINDS[name] = SourceKind(name, fn, options, arg, summary, arg_required, arg_is_path)
+        SOURCE_KINDS[name] = SourceKind(name, fn, model, arg, summary, arg_required, arg_is_path,
+                                        dict(options or {}))  # fmt: skip
         return fn
 
     return deco
+
+
+def source_options() -> dict[str, dict[str, Option]]:
+    """{kind: its own options} of every source kind (all also take `COMMON_OPTIONS`)."""
+    return {kind.name: kind.own or {} for kind in _load_kinds().values()}
+
+
+def check_source_options(spec: str, options: dict[str, Any]) -> None:
+    """Raise LoadbenchError when `options` (with the spec's own) are not what the spec's kind
+    takes; nothing is read."""
+    kind_name, _, params = split_spec(spec)
+    kind = SOURCE_KINDS[kind_name]
+    try:
+        kind.options.model_validate({**params, **options})
+    except ValidationError as e:
+        raise LoadbenchError(_explain_options(kind, e)) from None
 
 
 def _load_kinds() -> dict[str, SourceKind]:

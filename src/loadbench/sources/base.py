@@ -14,46 +14,60 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, create_model
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option, fields
 
 # Images are handed around as uint8 arrays of shape (N, H, W, C): the layout of every source's
 # published files and of PIL, so nothing is transposed until a batch becomes a tensor.
 ImageShape = tuple[int, int, int]
 
 
-class SourceOptions(BaseModel):
-    """Options every source accepts (in a spec string `kind:path?limit=100` or as keywords)."""
+def _remap(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_remap(value)
+    if isinstance(value, dict):
+        return {str(k): _as_list(v) for k, v in value.items()}
+    raise ValueError("must be 'new=old,old;new=old' or a mapping {new: [old, ...]}")
 
+
+# Options every source accepts (in a spec string `kind:path?limit=100` or as keywords).
+COMMON_OPTIONS = {
+    "limit": Option(None, "first N images of every split (stratified)", kind=int, above=0),
+    "remap": Option(
+        None,
+        "new classes from old: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9' or JSON",
+        parse=_remap,
+    ),
+    "drop": Option(
+        [], "classes to remove, by name or index: 'Bag' or '8,9'", parse=lambda v: _as_list(v)
+    ),
+    "val_ratio": Option(
+        None, "carve a stratified val split from train", kind=float, above=0, below=1
+    ),
+    "test_ratio": Option(
+        None, "carve a stratified test split from train", kind=float, above=0, below=1
+    ),
+    "seed": Option(0, "seed of carved splits (and of generated data)", kind=int),
+}
+
+
+class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    limit: int | None = Field(None, gt=0, description="first N images of every split (stratified)")
-    remap: dict[str, list[str]] | None = Field(
-        None, description="new classes from old ones: 'upper=0,2,3,4,6;trousers=1;shoes=5,7,9'"
-    )
-    drop: list[str] = Field(default_factory=list, description="classes to remove: 'Bag' or '8'")
-    val_ratio: float | None = Field(
-        None, gt=0, lt=1, description="carve a stratified 'val' split from train"
-    )
-    test_ratio: float | None = Field(
-        None, gt=0, lt=1, description="carve a stratified 'test' split from train"
-    )
-    seed: int = Field(0, description="seed of carved splits (and of generated data)")
 
-    @field_validator("remap", mode="before")
-    @classmethod
-    def _parse_remap(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return parse_remap(value)
-        if isinstance(value, dict):
-            return {str(k): _as_list(v) for k, v in value.items()}
-        return value
+SourceOptions = create_model(
+    "SourceOptions", __base__=_Options, __doc__="Options every source accepts.",
+    **fields(COMMON_OPTIONS),
+)  # fmt: skip
 
-    @field_validator("drop", mode="before")
-    @classmethod
-    def _parse_drop(cls, value: Any) -> Any:
-        return _as_list(value)
+
+def options_model(name: str, own: dict[str, Option]) -> type[BaseModel]:
+    """The pydantic model of a source kind's options: every source's, then its own."""
+    if not own:
+        return SourceOptions
+    return create_model(f"{name}Options", __base__=SourceOptions, **fields(own))
 
 
 def _as_list(value: Any) -> list[str]:

@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option
 from loadbench.sources import register_source
 from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions
 
@@ -191,21 +191,20 @@ def open_cifar10(path: str, opts: SourceOptions) -> RawDataset:
     return _read_cifar(path, CIFAR10, CIFAR10.label_key, CIFAR10.names_key)
 
 
-class Cifar100Options(SourceOptions):
-    labels: str = Field("fine", description="fine (100 classes) or coarse (20 superclasses)")
-
-    @field_validator("labels")
-    @classmethod
-    def _fine_or_coarse(cls, value: str) -> str:
-        if value not in ("fine", "coarse"):
-            raise ValueError("must be fine or coarse")
-        return value
+CIFAR100_OPTIONS = {
+    "labels": Option(
+        "fine",
+        "fine (100 classes) or coarse (20 superclasses)",
+        choices=("fine", "coarse"),
+        choices_text="fine or coarse",
+    ),
+}
 
 
 @register_source(
     "cifar100",
-    options=Cifar100Options,
+    options=CIFAR100_OPTIONS,
     summary="CIFAR-100 python version (cifar-100-python/ or the .tar.gz): splits train, test",
 )
-def open_cifar100(path: str, opts: Cifar100Options) -> RawDataset:
+def open_cifar100(path: str, opts) -> RawDataset:
     return _read_cifar(path, CIFAR100, f"{opts.labels}_labels", f"{opts.labels}_label_names")

@@ -10,35 +10,35 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option
 from loadbench.sources import register_source
-from loadbench.sources.base import RawDataset, SourceOptions
+from loadbench.sources.base import RawDataset
 from loadbench.sources.images import FileSplit, image_size, is_image_file, parse_size
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class ImageFileOptions(SourceOptions):
-    size: str | None = Field(
-        None, description="resize+centre-crop to N or HxW (default: the first image's size)"
-    )
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _size_text(cls, value):
-        return str(value) if isinstance(value, int) else value
-
-    channels: int = Field(3, description="1 (grayscale) or 3 (RGB)")
-    skip_corrupt: bool = Field(False, description="skip unreadable images instead of stopping")
-
-    @field_validator("channels")
-    @classmethod
-    def _one_or_three(cls, value: int) -> int:
-        if value not in (1, 3):
-            raise ValueError("must be 1 (grayscale) or 3 (RGB)")
-        return value
+# The options of sources that read image files (folder, tiny-imagenet).
+IMAGE_FILE_OPTIONS = {
+    "size": Option(
+        None,
+        "resize+centre-crop to N or HxW",
+        parse=lambda v: str(v),
+        shown="the first image's size",
+    ),
+    "channels": Option(
+        3,
+        "1 (grayscale) or 3 (RGB)",
+        kind=int,
+        choices=(1, 3),
+        choices_text="1 (grayscale) or 3 (RGB)",
+    ),
+    "skip_corrupt": Option(
+        False, "skip and count unreadable images instead of stopping", kind=bool
+    ),
+}
 
 
 def find_classes(directory: str) -> list[str]:
@@ -84,11 +84,11 @@ def _first_size(paths: list[str], skip_corrupt: bool) -> tuple[int, int]:
 
 @register_source(
     "folder",
-    options=ImageFileOptions,
+    options=IMAGE_FILE_OPTIONS,
     arg="PATH",
     summary="class-per-subfolder image tree (ImageFolder layout), optionally with train/val/test",
 )
-def open_folder(path: str, opts: ImageFileOptions) -> RawDataset:
+def open_folder(path: str, opts) -> RawDataset:
     if not os.path.isdir(path):
         raise LoadbenchError(f"folder source {path} is not a directory")
     if _has_split_layout(path):

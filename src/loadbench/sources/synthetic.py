@@ -16,11 +16,11 @@ import colorsys
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option
 from loadbench.sources import register_source
-from loadbench.sources.base import RawDataset, RawSplit, SourceOptions
+from loadbench.sources.base import RawDataset, RawSplit
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,26 @@ N_TONES = 12
 _SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 
 
-class SyntheticOptions(SourceOptions):
-    count: int | None = Field(None, gt=0, description="training images (preset default)")
-    eval_count: int | None = Field(
-        None, ge=0, description="test (val for tinyimagenet-like) images (preset default)"
-    )
-    size: int | None = Field(None, ge=8, le=4096, description="height = width in pixels")
-    channels: int | None = Field(None, description="1 or 3")
-    classes: int | None = Field(None, ge=2, le=N_SHAPES * N_TONES * 4, description="classes")
-
-    @field_validator("channels")
-    @classmethod
-    def _one_or_three(cls, value: int | None) -> int | None:
-        if value not in (None, 1, 3):
-            raise ValueError("must be 1 (grayscale) or 3 (RGB)")
-        return value
+SYNTHETIC_OPTIONS = {
+    "count": Option(None, "training images", kind=int, above=0, shown="the preset's"),
+    "eval_count": Option(
+        None, "test (val for tinyimagenet-like) images", kind=int, minimum=0, shown="the preset's"
+    ),
+    "size": Option(
+        None, "height = width in pixels", kind=int, minimum=8, maximum=4096, shown="the preset's"
+    ),
+    "channels": Option(
+        None,
+        "1 or 3",
+        kind=int,
+        choices=(1, 3),
+        choices_text="1 (grayscale) or 3 (RGB)",
+        shown="the preset's",
+    ),
+    "classes": Option(
+        None, "classes", kind=int, minimum=2, maximum=N_SHAPES * N_TONES * 4, shown="the preset's"
+    ),
+}
 
 
 def block_size(height: int, width: int) -> int:
@@ -228,13 +233,13 @@ def render(
 
 @register_source(
     "synthetic",
-    options=SyntheticOptions,
+    options=SYNTHETIC_OPTIONS,
     arg="PRESET",
     arg_required=False,
     arg_is_path=False,
     summary="generated photo-like images: " + ", ".join(PRESETS) + " (default cifar-like)",
 )
-def open_synthetic(arg: str | None, opts: SyntheticOptions) -> RawDataset:
+def open_synthetic(arg: str | None, opts) -> RawDataset:
     name = arg or "cifar-like"
     if name not in PRESETS:
         raise LoadbenchError(f"unknown synthetic preset {name!r}; presets: {', '.join(PRESETS)}")

@@ -14,7 +14,7 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.sources import register_source
 from loadbench.sources.base import RawDataset
-from loadbench.sources.folder import ImageFileOptions, make_samples
+from loadbench.sources.folder import IMAGE_FILE_OPTIONS, make_samples
 from loadbench.sources.images import FileSplit, parse_size
 
 
@@ -64,10 +64,10 @@ def _val_samples(root: str, index: dict[str, int]) -> tuple[list[str], list[int]
 
 @register_source(
     "tiny-imagenet",
-    options=ImageFileOptions,
+    options=IMAGE_FILE_OPTIONS,
     summary="Tiny ImageNet (tiny-imagenet-200/: wnids.txt, train/, val/): splits train, val",
 )
-def open_tiny_imagenet(path: str, opts: ImageFileOptions) -> RawDataset:
+def open_tiny_imagenet(path: str, opts) -> RawDataset:
     root = _root(path)
     with open(os.path.join(root, "wnids.txt"), encoding="utf-8") as f:
         wnids = sorted({line.strip() for line in f if line.strip()})

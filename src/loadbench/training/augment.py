@@ -5,6 +5,24 @@ resumed runs augment every sample identically."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from loadbench.options import Option, as_list
+
+AUGMENTATIONS = ("flip", "crop", "rotate", "jitter")
+
+
+def _augmentations(value: Any) -> list[str]:
+    names = as_list(value)
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {name!r}; choose from {AUGMENTATIONS}")
+    return names
+
+
+AUGMENT_OPTIONS = {
+    "augment": Option([], f"any of {','.join(AUGMENTATIONS)}", parse=_augmentations, shown="none"),
+}
 
 
 def build_augment(names: list[str], image_shape: tuple[int, int, int]):

@@ -1,5 +1,11 @@
 """Everything a training run is told, in one validated place (CLI flags and YAML keys alike).
 
+Each option is declared once, next to what it configures: the model's (models.py), the
+optimizer's and schedule's (optim.py), the loaders' (batches.py), the epoch order's (order.py),
+augmentation (augment.py), splits and normalisation (splits.py), the chunk cache
+(formats/chunked.py), the read-through cache (storefiles.py), and the run's own (here).
+`TrainConfig` is made from those declarations, and so are the `train` and `lr-find` flags.
+
 Keys are the CLI's long option names with underscores: `--batch-size 64` on the command line is
 `batch_size: 64` in a `--config` YAML file. Command-line values win over the file's. An unknown
 key or a bad value is one error that names it.
@@ -8,123 +14,99 @@ key or a bad value is one error that names it.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.chunked import DEFAULT_CHUNK_CACHE_BYTES
+from loadbench.formats.chunked import CHUNK_CACHE_OPTIONS
+from loadbench.options import Option, OptionGroup, fields
+from loadbench.storefiles import READ_THROUGH_OPTIONS
+from loadbench.training.augment import AUGMENT_OPTIONS
+from loadbench.training.batches import LOADER_OPTIONS
+from loadbench.training.models import list_models, model_options
+from loadbench.training.optim import OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS
+from loadbench.training.order import ORDER_OPTIONS
+from loadbench.training.splits import SPLIT_OPTIONS
 
-MODEL_OPTION_KEYS = (
-    "filters", "widths", "activation", "batch_norm", "dropout", "pool", "head", "hidden",
-    "weights", "freeze_backbone", "stem",
-)  # fmt: skip
-AUGMENTATIONS = ("flip", "crop", "rotate", "jitter")
+
+def _device(value: Any) -> str:
+    value = str(value)
+    if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+RUN_OPTIONS = {
+    "epochs": Option(10, "epochs", kind=int, above=0),
+    "early_stopping": Option(
+        None, "stop after N epochs without val-loss gain; restore the best", kind=int, above=0
+    ),
+    "kfold": Option(None, "k-fold cross-validation on the training split", kind=int, minimum=2),
+    "device": Option("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)", parse=_device),
+    "amp": Option(False, "mixed precision (fp16 on CUDA, bf16 on CPU)", kind=bool),
+    "compile": Option(False, "torch.compile the model (compile time reported apart)", kind=bool),
+    "seed": Option(0, "seeds Python, NumPy and torch", kind=int),
+    "smooth": Option(
+        0.0, "EMA smoothing of the curves plot, 0-0.99", kind=float, minimum=0, below=1
+    ),
+    "overfit_batch": Option(False, "only check that one batch can be learnt to 100%", kind=bool),
+    "out": Option(None, "run directory", shown="runs/<time>-<model>"),
+}
+MODEL_CHOICE = {
+    "model": Option("cnn-blocks", ", ".join(spec.name for spec in list_models())),
+}
+# The options of a training run, as `--help` groups them.
+GROUPS = (
+    OptionGroup.of("Model", MODEL_CHOICE, owned=model_options()),
+    OptionGroup.of("Optimizer and schedule", OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS),
+    OptionGroup.of(
+        "Data and loading",
+        LOADER_OPTIONS,
+        AUGMENT_OPTIONS,
+        SPLIT_OPTIONS,
+        ORDER_OPTIONS,
+        CHUNK_CACHE_OPTIONS,
+        READ_THROUGH_OPTIONS,
+    ),
+    OptionGroup.of("Run", RUN_OPTIONS),
+)
+MODEL_OPTION_KEYS = tuple(name for name, owners in GROUPS[0].options.items() if "" not in owners)
 # The epoch-order keys and their defaults: training's, experiments', and those of benchmark runs
 # recorded before the keys existed.
 ORDER_DEFAULTS = {
-    "shuffle": "exact",
-    "shuffle_window": 8,
-    "chunk_cache_mb": DEFAULT_CHUNK_CACHE_BYTES >> 20,
+    "shuffle": ORDER_OPTIONS["shuffle"].default,
+    "shuffle_window": ORDER_OPTIONS["shuffle_window"].default,
+    "chunk_cache_mb": CHUNK_CACHE_OPTIONS["chunk_cache_mb"].default,
 }
 
 
-class TrainConfig(BaseModel):
-    """A training run. Defaults are the ones a first run should use."""
+def _model_option_field(name: str, owners: dict[str, Option]) -> tuple[Any, Any]:
+    """A model option in a config: the value as given (None: the model's default), checked by
+    the model it is for when the model is built; its type when every model agrees on one."""
+    kinds = {option.kind for option in owners.values() if option.parse is None}
+    typed = len(kinds) == 1 and not any(option.parse for option in owners.values())
+    annotation = kinds.pop() if typed else Any
+    help = "; ".join(f"{owner}: {option.help}" for owner, option in owners.items())
+    return annotation | None, Field(None, description=help)
 
+
+def _fields() -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "data": (str, Field(description="a store made by `loadbench convert`, or a source spec"))
+    }
+    for group in GROUPS:
+        for name, owners in group.options.items():
+            if "" in owners:
+                out.update(fields({name: owners[""]}))
+            else:
+                out[name] = _model_option_field(name, owners)
+    return out
+
+
+class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    data: str = Field(description="a store made by `loadbench convert`, or a source spec")
-    model: str = "cnn-blocks"
-    # Model options (None = the model's default; an option the model does not take is an error).
-    filters: int | None = None
-    widths: str | list[int] | None = None
-    activation: str | None = None
-    batch_norm: bool | None = None
-    dropout: str | float | list[float] | None = None
-    pool: int | None = None
-    head: str | None = None
-    hidden: str | list[int] | None = None
-    weights: str | None = None
-    freeze_backbone: bool | None = None
-    stem: str | None = None
-
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    optimizer: Literal["sgd", "rmsprop", "adam", "adamw"] = "adam"
-    lr: float | None = Field(None, gt=0, description="default: sgd 0.01, others 0.001")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-
-    schedule: Literal["none", "step", "multistep", "cyclic", "cosine-restarts", "onecycle"] = "none"
-    step_size: int | None = Field(None, gt=0, description="step: epochs per decay")
-    gamma: float = Field(0.1, gt=0, le=1, description="step/multistep: decay factor")
-    milestones: str | list[int] | None = None
-    max_lr: float | None = Field(None, gt=0, description="cyclic/onecycle: the peak lr")
-    cycle_epochs: float = Field(4.0, gt=0, description="cyclic: epochs per full cycle")
-    restart_epochs: float | None = Field(None, gt=0, description="cosine-restarts: first period")
-    restart_mult: int = Field(1, ge=1, description="cosine-restarts: period growth")
-
-    augment: str | list[str] = Field(default_factory=list)
-    normalize: bool | None = Field(None, description="per-channel mean/std of train; default on")
-    balance: Literal["none", "weighted", "oversample"] = "none"
-    early_stopping: int | None = Field(None, gt=0, description="patience in epochs")
-    val_ratio: float | None = Field(None, gt=0, lt=1, description="carve val from train")
-    eval_split: str | None = None
-    kfold: int | None = Field(None, ge=2)
-
-    access: Literal["sample", "batch", "device"] = "sample"
-    workers: int = Field(0, ge=0)
-    shuffle: Literal["exact", "block"] = Field(
-        ORDER_DEFAULTS["shuffle"],
-        description="block: chunk-aware order (faster on chunked stores, less random)",
-    )
-    shuffle_window: int = Field(
-        ORDER_DEFAULTS["shuffle_window"], ge=1, description="block shuffle: chunks mixed together"
-    )
-    chunk_cache_mb: int = Field(
-        ORDER_DEFAULTS["chunk_cache_mb"], ge=0, description="decoded-chunk cache per process"
-    )
-    cache_dir: str | None = Field(
-        None, description="a store on object storage is read through a local copy kept here"
-    )
-    pin_memory: bool | None = None
-    device: str = "auto"
-    amp: bool = False
-    compile: bool = False
-    seed: int = 0
-    smooth: float = Field(0.0, ge=0, lt=1, description="EMA smoothing of the curves plot")
-    overfit_batch: bool = False
-    out: str | None = None
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _augment_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        for name in value or []:
-            if name not in AUGMENTATIONS:
-                raise ValueError(f"unknown augmentation {name!r}; choose from {AUGMENTATIONS}")
-        return value
-
-    @field_validator("milestones", mode="before")
-    @classmethod
-    def _int_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return [int(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ValueError("must be comma-separated epochs, e.g. 50,75") from None
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return value
 
     def model_options(self) -> dict[str, Any]:
         """The model options that were given (the rest take the model's defaults)."""
@@ -132,6 +114,12 @@ class TrainConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+TrainConfig = create_model(
+    "TrainConfig", __base__=_Config, __doc__="A training run. Defaults are the ones a first run "
+    "should use.", **_fields(),
+)  # fmt: skip
 
 
 def explain(error: ValidationError, where: str = "training option") -> str:

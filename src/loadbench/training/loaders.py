@@ -1,4 +1,4 @@
-"""From a store to batches, by access mode: what the training loop iterates.
+"""`sample` and `batch` access through torch's DataLoader.
 
 - `sample`: the classic map-style Dataset + DataLoader (`num_workers`, `pin_memory`), one item
   per `__getitem__`, the batch converted to float once.
@@ -6,8 +6,6 @@
   batch (sorted reads, each chunk once).
 - With workers, both hand batches back through a ring of shared-memory slots (`RingBatches`)
   instead of torch's per-batch shared-memory transfer.
-- `device`: the whole split resident on the device (`resident.py`).
-- A reader that brings its own pipeline (a peer loader) is iterated as it is.
 """
 
 from __future__ import annotations
@@ -18,13 +16,10 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from loadbench.errors import LoadbenchError
 from loadbench.formats.base import SplitReader
 from loadbench.formats.pixels import DTYPES, to_tensor
-from loadbench.store import Store
 from loadbench.training.augment import Augmenter, augment_batch
 from loadbench.training.order import EpochOrder
-from loadbench.training.resident import DeviceBatches
 from loadbench.training.sharding import Shard, trace_shard
 
 
@@ -192,15 +187,6 @@ class RingBatches:
         stop_workers(self.loader)
 
 
-def shutdown(batches) -> None:
-    """Stop the worker processes behind `batches` (what `make_batches` returned) now."""
-    close = getattr(batches, "close", None)
-    if callable(close):  # RingBatches, peer loaders: they know their workers
-        close()
-    elif isinstance(batches, torch.utils.data.DataLoader):
-        stop_workers(batches)
-
-
 def stop_workers(loader: torch.utils.data.DataLoader) -> None:
     """Stop a DataLoader's persistent workers now. Left to the garbage collector, a DataLoader
     with persistent workers waits 5 s per worker before it gives up joining them (measured:
@@ -212,48 +198,11 @@ def stop_workers(loader: torch.utils.data.DataLoader) -> None:
         loader._iterator = None
 
 
-_NOT_SHARDED = (
-    "{name} runs its library's own loader, which loadbench cannot shard across torchrun's "
-    "processes; run it in a single process, or use one of loadbench's formats"
-)
-
-
-def make_batches(
-    store: Store,
-    split: str,
-    order: EpochOrder,
-    *,
-    access: str,
-    batch_size: int,
-    workers: int,
-    pin_memory: bool,
-    device,
-    augmenter: Augmenter | None,
-    shard: Shard | None = None,
-):
-    """An iterable of (images float32 N,C,H,W in [0,1], labels int64 N) for one split; with a
-    `shard` (DDP), this rank's part of it."""
-    fmt = store.format
-    if fmt is not None and access not in fmt.accesses:
-        raise LoadbenchError(
-            f"{fmt.name} runs its own pipeline with {'/'.join(fmt.accesses)} access only, "
-            f"not {access}"
-        )
-    if fmt is not None and fmt.own_order and order.mode == "block":
-        raise LoadbenchError(f"{fmt.name} streams in its library's own order; use shuffle exact")
-    if shard is not None and fmt is not None and (fmt.peer or fmt.own_order):
-        raise LoadbenchError(_NOT_SHARDED.format(name=fmt.name))
-    if access == "device":
-        return DeviceBatches(store, split, order, batch_size, device, augmenter, shard)
-    reader = store.new_reader(split)
-    reader.device = "cpu"  # a DataLoader moves batches to the device itself (tensor format too)
-    own = reader.loader(order, access=access, batch_size=batch_size, workers=workers,
-                        pin_memory=pin_memory, augmenter=augmenter)  # fmt: skip
-    if own is not None and shard is not None:
-        shutdown(own)
-        raise LoadbenchError(_NOT_SHARDED.format(name=store.format_name))
-    if own is not None:  # a peer loader: its library's own pipeline
-        return own
+def dataloader_batches(reader: SplitReader, order: EpochOrder, *, access: str,
+                       batch_size: int, workers: int, pin_memory: bool,
+                       augmenter: Augmenter | None, shard: Shard | None = None):  # fmt: skip
+    """`sample` or `batch` access to a reader through a DataLoader (or the ring of
+    `RingBatches` with workers); with a `shard`, this rank's part of each epoch."""
     sampler = EpochSampler(order, shard)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
     if workers:  # per item (sample) or per batch, through a ring of shared buffers

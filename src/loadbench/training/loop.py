@@ -26,9 +26,9 @@ from loadbench.errors import LoadbenchError
 from loadbench.store import Store, open_data
 from loadbench.training import checkpoint as ckpt
 from loadbench.training.augment import Augmenter, build_augment
+from loadbench.training.batches import make_batches, shutdown
 from loadbench.training.config import TrainConfig
 from loadbench.training.distributed import Dist, gather_epoch, setup
-from loadbench.training.loaders import make_batches, shutdown
 from loadbench.training.metrics import EpochMeter
 from loadbench.training.optim import current_lr, make_optimizer, make_schedule
 from loadbench.training.order import EpochOrder

@@ -90,3 +90,35 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
     if len(slope) == 0 or slope.min() >= 0:
         return None, lowest
     return float(lrs[first + int(np.argmin(slope))]), lowest
+
+
+def write_lr_find(result: LrFindResult, out: str) -> str:
+    """`lr_find.csv` (lr, loss, smoothed loss per batch) and `lr_find.png` into `out`; returns
+    the plot's path."""
+    import csv
+    import os
+
+    from loadbench.training.plots import plot_lr_find
+    from loadbench.util import atomic_file
+
+    os.makedirs(out, exist_ok=True)
+    with atomic_file(os.path.join(out, "lr_find.csv"), newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["lr", "loss", "smoothed_loss"])
+        writer.writerows(zip(result.lrs, result.losses, result.smoothed, strict=True))
+    png = plot_lr_find(result.lrs, result.losses, os.path.join(out, "lr_find.png"),
+                       suggestion=result.suggestion, smoothed=result.smoothed)  # fmt: skip
+    return str(png)
+
+
+def describe(result: LrFindResult) -> str:
+    """The suggestion in one sentence (or why there is none)."""
+    if result.suggestion is None:
+        return (
+            "no lr to suggest: the loss did not fall anywhere in the sweep; try a wider range "
+            "or more --iterations"
+        )
+    return (
+        f"suggested lr {result.suggestion:.3g} (steepest descent; lowest loss at "
+        f"{result.min_loss_lr:.3g}, a tenth of it is {result.min_loss_lr / 10:.3g})"
+    )

@@ -8,40 +8,78 @@ Schedules differ in when they step: step/multistep once per epoch, the others on
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import Any
 
 from loadbench.errors import LoadbenchError
-from loadbench.training.config import TrainConfig
+from loadbench.options import Option, as_list
 
 DEFAULT_LR = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001, "adamw": 0.001}
-
-OPTIMIZERS: dict[str, Callable] = {
-    "sgd": lambda params, c, lr: torch.optim.SGD(
-        params, lr=lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
-        weight_decay=c.weight_decay,
-    ),
-    "rmsprop": lambda params, c, lr: torch.optim.RMSprop(
-        params, lr=lr, momentum=c.momentum if c.momentum else 0.0, weight_decay=c.weight_decay
-    ),
-    "adam": lambda params, c, lr: torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay),
-    "adamw": lambda params, c, lr: torch.optim.AdamW(
-        params, lr=lr, weight_decay=c.weight_decay or 0.01
-    ),
-}  # fmt: skip
+SCHEDULES = ("none", "step", "multistep", "cyclic", "cosine-restarts", "onecycle")
 
 
-def base_lr(config: TrainConfig) -> float:
+def _epochs(value: Any) -> list[int]:
+    try:
+        return [int(v) for v in as_list(value)]
+    except (TypeError, ValueError):
+        raise ValueError("must be comma-separated epochs, e.g. 50,75") from None
+
+
+OPTIMIZER_OPTIONS = {
+    "optimizer": Option("adam", "optimizer", choices=tuple(DEFAULT_LR)),
+    "lr": Option(None, "learning rate", kind=float, above=0, shown="sgd 0.01, others 0.001"),
+    "momentum": Option(0.9, "sgd/rmsprop momentum", kind=float, minimum=0, below=1),
+    "nesterov": Option(False, "sgd: Nesterov momentum", kind=bool),
+    "weight_decay": Option(0.0, "L2 weight decay", kind=float, minimum=0, shown="0; adamw 0.01"),
+}
+SCHEDULE_OPTIONS = {
+    "schedule": Option("none", "learning-rate schedule", choices=SCHEDULES),
+    "step_size": Option(None, "step: epochs between decays", kind=int, above=0, shown="epochs/3"),
+    "gamma": Option(0.1, "step/multistep: decay factor", kind=float, above=0, maximum=1),
+    "milestones": Option(
+        None, "multistep: epochs, e.g. 50,75", parse=_epochs, shown="epochs/2, 3/4 of epochs"
+    ),
+    "max_lr": Option(
+        None, "cyclic/onecycle: the peak lr", kind=float, above=0, shown="cyclic 4x lr; onecycle lr"
+    ),
+    "cycle_epochs": Option(4.0, "cyclic: epochs per full cycle", kind=float, above=0),
+    "restart_epochs": Option(
+        None, "cosine-restarts: first period in epochs", kind=float, above=0, shown="epochs/4"
+    ),
+    "restart_mult": Option(1, "cosine-restarts: period growth factor", kind=int, minimum=1),
+}
+
+
+def _optimizers() -> dict[str, Callable]:
+    import torch
+
+    return {
+        "sgd": lambda params, c, lr: torch.optim.SGD(
+            params, lr=lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
+            weight_decay=c.weight_decay,
+        ),
+        "rmsprop": lambda params, c, lr: torch.optim.RMSprop(
+            params, lr=lr, momentum=c.momentum if c.momentum else 0.0,
+            weight_decay=c.weight_decay,
+        ),
+        "adam": lambda params, c, lr: torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay),
+        "adamw": lambda params, c, lr: torch.optim.AdamW(
+            params, lr=lr, weight_decay=c.weight_decay or 0.01
+        ),
+    }  # fmt: skip
+
+
+def base_lr(config) -> float:
     return config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, config):
+    """The optimizer `config` names, over the model's trainable parameters."""
     if config.nesterov and config.optimizer != "sgd":
         raise LoadbenchError(f"--nesterov is for sgd, not {config.optimizer}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LoadbenchError("the model has no trainable parameters (is everything frozen?)")
-    return OPTIMIZERS[config.optimizer](params, config, base_lr(config))
+    return _optimizers()[config.optimizer](params, config, base_lr(config))
 
 
 class Schedule:
@@ -72,10 +110,10 @@ class Schedule:
             self.scheduler.load_state_dict(state)
 
 
-def make_schedule(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, batches_per_epoch: int
-) -> Schedule:
+def make_schedule(optimizer, config, batches_per_epoch: int) -> Schedule:
     """The schedule of `config.schedule` for a run of `config.epochs` epochs."""
+    import torch
+
     s = torch.optim.lr_scheduler
     epochs, lr = config.epochs, base_lr(config)
     name = config.schedule
@@ -115,5 +153,5 @@ def make_schedule(
     raise LoadbenchError(f"unknown schedule {name!r}")
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
+def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])

@@ -7,10 +7,21 @@ from __future__ import annotations
 import numpy as np
 
 from loadbench.errors import LoadbenchError
-from loadbench.training.config import ORDER_DEFAULTS
+from loadbench.options import Option
 
 DEFAULT_BLOCK = 256  # images per block for `shuffle="block"` on stores without chunks
-DEFAULT_WINDOW = ORDER_DEFAULTS["shuffle_window"]  # blocks mixed by `shuffle="block"`
+ORDER_OPTIONS = {
+    "shuffle": Option(
+        "exact", "block reads chunk by chunk, less random (opt-in)", choices=("exact", "block")
+    ),
+    "shuffle_window": Option(8, "block shuffle: chunks mixed together", kind=int, minimum=1),
+    "balance": Option(
+        "none",
+        "draw classes evenly: weighted sampling or augmented oversampling",
+        choices=("none", "weighted", "oversample"),
+    ),
+}
+DEFAULT_WINDOW = ORDER_OPTIONS["shuffle_window"].default  # blocks mixed by `shuffle="block"`
 
 
 def block_order(indices: np.ndarray, block: int, window: int, rng) -> np.ndarray:

@@ -4,14 +4,32 @@ per-channel statistics (for normalisation: the training split only, document 003
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loadbench.errors import LoadbenchError
+from loadbench.options import Option
 from loadbench.sources.base import stratified_sample
-from loadbench.store import Store
+
+if TYPE_CHECKING:  # annotations only: a store is passed in, never opened here
+    from loadbench.store import Store
 
 DEFAULT_VAL_RATIO = 0.1
+SPLIT_OPTIONS = {
+    "normalize": Option(
+        None, "per-channel mean/std of the training images", kind=bool, shown="on; off for cnn-tiny"
+    ),
+    "val_ratio": Option(
+        None,
+        "carve a stratified val split from train",
+        kind=float,
+        above=0,
+        below=1,
+        shown=f"{DEFAULT_VAL_RATIO} when the store has no val or test split",
+    ),
+    "eval_split": Option(None, "split to evaluate on", shown="val, else test, else carved"),
+}
 
 
 @dataclass

@@ -19,9 +19,9 @@ from loadbench import progress
 from loadbench.errors import LoadbenchError
 from loadbench.store import Store, open_data
 from loadbench.training import checkpoint as ckpt
+from loadbench.training.batches import make_batches
 from loadbench.training.config import TrainConfig, load_config
 from loadbench.training.distributed import is_main_process, model_digest
-from loadbench.training.loaders import make_batches
 from loadbench.training.loop import Run, RunResult, write_json
 from loadbench.training.metrics import classification_report
 from loadbench.training.models import count_parameters
