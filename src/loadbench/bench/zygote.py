@@ -39,8 +39,10 @@ def preload() -> None:
     import loadbench.bench.worker  # noqa: F401
     import loadbench.formats
     import loadbench.store  # noqa: F401
+    import loadbench.training.loaders  # noqa: F401
     import loadbench.training.loop  # noqa: F401
-    import loadbench.training.models  # noqa: F401
+    import loadbench.training.nets  # noqa: F401
+    import loadbench.training.resident  # noqa: F401
 
     loadbench.formats.list_formats()  # the format modules; their libraries load lazily
     del torch

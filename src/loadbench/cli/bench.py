@@ -41,11 +41,32 @@ def bench(
 
     from loadbench import progress
     from loadbench.bench.experiment import load_experiment
-    from loadbench.bench.matrix import expand, plan_runs
     from loadbench.bench.runner import run_experiment
 
     exp = load_experiment(experiment)
     results = out_dir or os.path.join("results", exp.name)
+    skipped = _print_plan(exp, dry_run)
+    if dry_run:
+        return
+    with progress.enabled():
+        outcome = run_experiment(exp, results, stores)
+    for label, why in outcome.not_run:
+        if not any(label == c.label for c in skipped):
+            stdout.print(f"[yellow]not run:[/yellow] {label}: {why}", highlight=False)
+    _print_report(results)
+    stdout.print(
+        f"{outcome.ok} run(s) done, {outcome.failed} failed, {outcome.skipped_done} already "
+        f"done before; results in {results}"
+    )
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _print_plan(exp, dry_run: bool) -> list:
+    """The matrix in one line, the cells that will not run and why; with `dry_run`, every run.
+    Returns the cells not run."""
+    from loadbench.bench.matrix import expand, plan_runs
+
     cells = expand(exp)
     runs = plan_runs(exp, cells)
     skipped = [c for c in cells if c.skip]
@@ -60,19 +81,7 @@ def bench(
             stdout.print(
                 f"  {spec.key}  {spec.cell.label}  repeat {spec.repeat + 1}", highlight=False
             )
-        return
-    with progress.enabled():
-        outcome = run_experiment(exp, results, stores)
-    for label, why in outcome.not_run:
-        if not any(label == c.label for c in skipped):
-            stdout.print(f"[yellow]not run:[/yellow] {label}: {why}", highlight=False)
-    _print_report(results)
-    stdout.print(
-        f"{outcome.ok} run(s) done, {outcome.failed} failed, {outcome.skipped_done} already "
-        f"done before; results in {results}"
-    )
-    if outcome.failed:
-        raise typer.Exit(1)
+    return skipped
 
 
 def _print_report(results_dir: str, out_dir: str | None = None, formats=("md", "html"),

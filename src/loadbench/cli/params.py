@@ -18,7 +18,9 @@ from loadbench.options import Option, OptionGroup
 
 
 def with_flags(*groups: OptionGroup, exclude: tuple[str, ...] = ()) -> Callable:
-    """Decorator: the command takes a flag for every option of `groups` (but `exclude`)."""
+    """Decorator: the command takes a flag for every option of `groups` (but `exclude`). Two
+    options of one name, or an option named like one of the command's own parameters, is a
+    programming error, raised when the command is defined."""
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command, eval_str=True)
@@ -26,8 +28,10 @@ def with_flags(*groups: OptionGroup, exclude: tuple[str, ...] = ()) -> Callable:
         taken = {p.name for p in params}
         for group in groups:
             for name, owners in group.options.items():
-                if name in exclude or name in taken:
+                if name in exclude:
                     continue
+                if name in taken:
+                    raise TypeError(f"{command.__name__}: two options named {name!r}")
                 params.append(flag(name, owners, group.title))
                 taken.add(name)
         command.__signature__ = signature.replace(parameters=params)
@@ -62,7 +66,7 @@ def flag_help(owners: dict[str, Option]) -> str:
         entries.setdefault(option.describe(), []).append(owner)
     parts = []
     for text, names in entries.items():
-        whose = "/".join(n for n in names if n)
+        whose = ", ".join(n for n in names if n)
         parts.append(f"{whose}: {text}" if whose else text)
     return "; ".join(parts) + "."
 

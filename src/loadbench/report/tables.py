@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,12 +89,37 @@ def versus_local(table: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(table["storage"] == "local", np.nan, ratio), index=table.index)
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """Columns a dataset table shows together, and each row's cells of them."""
+
+    headers: list[str]
+    cells: Callable[[int, pd.Series], list[str]]
+
+
 def dataset_table(results: Results, dataset: str) -> Table:
-    runs = results.runs[results.runs["dataset"] == dataset]
+    """One row per configuration of `dataset`, fastest first; optional columns (cold cache,
+    GPU, block shuffle, object storage, DDP) only when some row has them."""
+    table, caches = _dataset_numbers(results.runs[results.runs["dataset"] == dataset])
+    shown = {
+        "cold": len(caches) == 2,
+        "gpu": table["gpu_util_pct_mean"].notna().any(),
+        "block": (table["shuffle"] != "exact").any(),
+        "remote": (table["storage"] != "local").any(),
+        "ddp": (table["world_size"] > 1).any(),
+    }
+    groups = [columns for key, columns in _column_groups(caches[0]) if key is None or shown[key]]
+    headers = [h for columns in groups for h in columns.headers]
+    rows = [[c for columns in groups for c in columns.cells(i, r)] for i, r in table.iterrows()]
+    return Table(dataset, headers, rows, _dataset_notes(shown), table)
+
+
+def _dataset_numbers(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per configuration: medians over repeats (warm, with cold beside it when both ran),
+    fastest first, with its ratio to the fastest (and to local disk for remote rows)."""
     caches = [c for c in ("warm", "cold") if c in set(runs["cache"])]
     stats = aggregate(runs, [*CONFIG, "cache"])
-    main = caches[0]
-    table = stats[stats["cache"] == main].drop(columns="cache").set_index(CONFIG)
+    table = stats[stats["cache"] == caches[0]].drop(columns="cache").set_index(CONFIG)
     if len(caches) == 2:  # warm and cold side by side
         cold = stats[stats["cache"] == "cold"].set_index(CONFIG)
         table["cold_epoch_s"] = cold["epoch_s"]
@@ -101,66 +127,62 @@ def dataset_table(results: Results, dataset: str) -> Table:
     table = table.reset_index().sort_values("epoch_s", na_position="last").reset_index(drop=True)
     fastest = table["epoch_s"].min()
     table["ratio"] = table["epoch_s"] / fastest if fastest and fastest > 0 else np.nan
-    gpu = table["gpu_util_pct_mean"].notna().any()
-    block = (table["shuffle"] != "exact").any()
-    remote = (table["storage"] != "local").any()
-    ddp = (table["world_size"] > 1).any()
-    if remote:
+    if (table["storage"] != "local").any():
         table["vs_local"] = versus_local(table)
-    headers = ["", "configuration", "repeats", f"epoch s ({main}, median [IQR])", "x fastest"]
-    if len(caches) == 2:
-        headers += ["epoch s (cold)"]
-    headers += ["1st epoch s", "total s", "img/s", "data stall", "peak RSS", "CPU %"]
-    if gpu:
-        headers += ["GPU %", "GPU mem"]
-    if block:
-        headers += ["order jump", "same-class pairs"]
-    if remote:
-        headers += ["vs local", "read-through hits"]
-    if ddp:
-        headers += ["ranks", "straggler", "img/s per rank"]
-    headers += ["store", "bytes/img", "convert s", "accuracy"]
-    rows = []
-    for i, r in table.iterrows():
-        cells = [
-            "★" if i == 0 and not _nan(r["epoch_s"]) else "",
-            config_name(r),
+    return table, caches
+
+
+def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
+    """(the condition that shows them, or None for always; the columns), in table order."""
+
+    def lead(i, r):
+        return [
+            "★" if i == 0 and not _nan(r["epoch_s"]) else "", config_name(r),
             str(int(r["repeats"])),
             f"{_num(r['epoch_s'])} [{_num(r['epoch_q25'])}-{_num(r['epoch_q75'])}]",
             f"{r['ratio']:.2f}x" if not _nan(r["ratio"]) else "-",
-        ]
-        if len(caches) == 2:
-            cells.append(_num(r["cold_epoch_s"]))
-        cells += [
-            _num(r["first_epoch_s"]), _num(r["total_time_s"]), _count(r["images_per_s"]),
-            _pct(r["stall_share"]), _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"]),
         ]  # fmt: skip
-        if gpu:
-            cells += [_count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])]
-        if block:
-            cells += [_num(r["order_jump_ratio"], 3), _pct(r["order_same_class"])]
-        if remote:
-            vs = r["vs_local"]
-            cells += [f"{vs:.2f}x" if not _nan(vs) else "-", _pct(r["read_through_hit_rate"])]
-        if ddp:
-            straggler, per_rank = r["straggler_ratio"], r["rank_images_per_s"]
-            cells += [
-                str(int(r["world_size"])), "-" if _nan(straggler) else f"{straggler:.2f}x",
-                " / ".join(_count(v) for v in per_rank) if per_rank else "-",
-            ]  # fmt: skip
-        cells += [
+
+    def ranks(i, r):
+        straggler, per_rank = r["straggler_ratio"], r["rank_images_per_s"]
+        return [
+            str(int(r["world_size"])), "-" if _nan(straggler) else f"{straggler:.2f}x",
+            " / ".join(_count(v) for v in per_rank) if per_rank else "-",
+        ]  # fmt: skip
+
+    return [
+        (None, _Columns(["", "configuration", "repeats",
+                         f"epoch s ({main_cache}, median [IQR])", "x fastest"], lead)),
+        ("cold", _Columns(["epoch s (cold)"], lambda i, r: [_num(r["cold_epoch_s"])])),
+        (None, _Columns(
+            ["1st epoch s", "total s", "img/s", "data stall", "peak RSS", "CPU %"],
+            lambda i, r: [_num(r["first_epoch_s"]), _num(r["total_time_s"]),
+                          _count(r["images_per_s"]), _pct(r["stall_share"]),
+                          _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"])],
+        )),
+        ("gpu", _Columns(["GPU %", "GPU mem"], lambda i, r: [
+            _count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])])),
+        ("block", _Columns(["order jump", "same-class pairs"], lambda i, r: [
+            _num(r["order_jump_ratio"], 3), _pct(r["order_same_class"])])),
+        ("remote", _Columns(["vs local", "read-through hits"], lambda i, r: [
+            f"{r['vs_local']:.2f}x" if not _nan(r["vs_local"]) else "-",
+            _pct(r["read_through_hit_rate"])])),
+        ("ddp", _Columns(["ranks", "straggler", "img/s per rank"], ranks)),
+        (None, _Columns(["store", "bytes/img", "convert s", "accuracy"], lambda i, r: [
             _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
-            _num(r["final_accuracy"], 3),
-        ]  # fmt: skip
-        rows.append(cells)
+            _num(r["final_accuracy"], 3)])),
+    ]  # fmt: skip
+
+
+def _dataset_notes(shown: dict[str, bool]) -> list[str]:
     notes = [
         "Epoch times are the steady state: the median of every epoch after the first, then the "
         "median (and interquartile range) over repeats. The first epoch (cold start) is apart.",
         "★ marks the fastest configuration; 'x fastest' is each row's epoch time over it.",
     ]
-    if not gpu:
+    if not shown["gpu"]:
         notes.append("No GPU was used: GPU columns are left out.")
-    if ddp:
+    if shown["ddp"]:
         notes.append(
             "Rows named /ddpN ran under torchrun with N ranks (DDP). Their img/s is the whole "
             "world's (every rank's images over the slowest rank's epoch time); 'straggler' is "
@@ -168,20 +190,20 @@ def dataset_table(results: Results, dataset: str) -> Table:
             "repeats; 1.00x: no straggler); 'img/s per rank' is each rank's own rate, rank 0 "
             "first. Memory and CPU columns are rank 0's."
         )
-    if remote:
+    if shown["remote"]:
         notes.append(
             "Rows named @storage read their store from object storage. 'vs local' is the epoch "
             "time over the same configuration's on local disk (the network's cost); "
             "'read-through hits' is the share of files served from the local read-through copy "
             "over the whole run (the first epoch fills it)."
         )
-    if block:
+    if shown["block"]:
         notes.append(
             "block-shuffle rows read chunk by chunk in a less random order. 'order jump' is the "
             "mean distance between consecutive images over its value for an exact shuffle "
             "(1 = as random); 'same-class pairs' is the share of consecutive images of one class."
         )
-    return Table(dataset, headers, rows, notes, table)
+    return notes
 
 
 def summary_table(results: Results) -> Table:
