@@ -166,6 +166,19 @@ def test_partial_empty_and_foreign_directories(tmp_path):
         load_results(str(tmp_path))
 
 
+def test_a_line_that_is_not_a_run_record_is_left_out_with_a_note(tmp_path):
+    (tmp_path / "bench.json").write_text('{"schema": 1}')
+    lines = [
+        {"key": "a", "status": "failed", "error": "boom", "dataset": "d", "format": "npy"},
+        {"key": "b", "status": "ok", "epochs": "not a list"},
+        ["not", "a", "record"],
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = load_results(str(tmp_path))
+    assert [r.key for r in results.failed] == ["a"] and len(results.runs) == 0
+    assert "2 line(s) of runs.jsonl are not run records" in " ".join(results.notes)
+
+
 def test_report_command(results, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "loadbench", "report", str(results), "--out", str(tmp_path / "r")],

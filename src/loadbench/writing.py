@@ -45,7 +45,7 @@ def write_store(source: Source, fmt: Format, root: str, dtype: str, options: dic
             dtype=dtype,
             options=options,
             classes=source.classes,
-        )  # fmt: skip
+        )
         for split in source.splits
     ]
     mode = _parallel_mode(fmt, source, layouts, jobs)

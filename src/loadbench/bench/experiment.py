@@ -21,29 +21,33 @@ repeats, and the training every run does. Validated with pydantic; expanded into
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats import DTYPES, expand_names, get_format
 from loadbench.formats.chunked import CHUNK_CACHE_OPTIONS
-from loadbench.options import field
+from loadbench.options import fields
 from loadbench.remote import is_url, storage_options
 from loadbench.sources import check_source_options
-from loadbench.training.batches import ACCESS_MODES
-from loadbench.training.config import TrainConfig, explain
+from loadbench.training.batches import ACCESS_MODES, LOADER_OPTIONS
+from loadbench.training.config import RUN_OPTIONS, TrainConfig, explain
 from loadbench.training.models import resolve_model_options
 from loadbench.training.order import ORDER_OPTIONS
 
 DTYPE_NAMES = tuple(DTYPES)
 SHUFFLES = ORDER_OPTIONS["shuffle"].choices
-
-# Matrix keys a run sets itself; they may not appear under `train:`.
-MATRIX_KEYS = {"data", "out", "access", "workers", "batch_size", "pin_memory", "epochs", "seed",
-               "kfold", "resume", "overfit_batch", "shuffle", "shuffle_window",
-               "chunk_cache_mb"}  # fmt: skip
 
 
 class Dataset(BaseModel):
@@ -135,8 +139,9 @@ class Distributed(BaseModel):
         return self.nproc_per_node * self.nnodes
 
 
-class Experiment(BaseModel):
-    """The whole matrix. Defaults follow the study: 10 repeats, warm cache, real training."""
+class _Matrix(BaseModel):
+    """The keys of an experiment that are its own (the training options it sets for every run
+    are added from their declarations below)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -153,16 +158,9 @@ class Experiment(BaseModel):
         default_factory=lambda: [ORDER_OPTIONS["shuffle"].default],
         description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
     )
-    shuffle_window: int = field(ORDER_OPTIONS["shuffle_window"])[1]
-    chunk_cache_mb: int = field(CHUNK_CACHE_OPTIONS["chunk_cache_mb"])[1]
-    batch_size: int = Field(64, gt=0)
-    pin_memory: bool | None = None
-    epochs: int = Field(3, gt=0)
     repeats: int = Field(10, gt=0)
-    seed: int = 0
     cache: Literal["warm", "cold", "both"] = "warm"
     mode: Literal["train", "loader-only"] = "train"
-    device: str = "auto"
     train: dict[str, Any] = Field(default_factory=dict, description="keys of `loadbench train`")
     storage: list[Storage] = Field(
         default_factory=lambda: [Storage()],
@@ -204,8 +202,9 @@ class Experiment(BaseModel):
     @field_validator("workers")
     @classmethod
     def _workers(cls, value: list[int]) -> list[int]:
-        if not value or min(value) < 0:
-            raise ValueError("needs one or more worker counts >= 0")
+        least = LOADER_OPTIONS["workers"].minimum
+        if not value or min(value) < least:
+            raise ValueError(f"needs one or more worker counts >= {least}")
         return value
 
     @field_validator("train")
@@ -226,6 +225,26 @@ class Experiment(BaseModel):
 
     def cache_states(self) -> list[str]:
         return ["warm", "cold"] if self.cache == "both" else [self.cache]
+
+
+# Training options an experiment sets for every run, from their declarations (the matrix sets
+# access, workers and shuffle per cell). Experiments run 3 epochs unless told otherwise.
+RUN_OPTIONS_SET = {
+    "shuffle_window": ORDER_OPTIONS["shuffle_window"],
+    "chunk_cache_mb": CHUNK_CACHE_OPTIONS["chunk_cache_mb"],
+    "batch_size": LOADER_OPTIONS["batch_size"],
+    "pin_memory": LOADER_OPTIONS["pin_memory"],
+    "epochs": replace(RUN_OPTIONS["epochs"], default=3),
+    "seed": RUN_OPTIONS["seed"],
+    "device": RUN_OPTIONS["device"],
+}
+# Keys a run sets itself; they may not appear under `train:`.
+MATRIX_KEYS = {"data", "out", "kfold", "resume", "overfit_batch", "access", "workers", "shuffle",
+               *RUN_OPTIONS_SET}  # fmt: skip
+Experiment = create_model(
+    "Experiment", __base__=_Matrix, **fields(RUN_OPTIONS_SET),
+    __doc__="The whole matrix. Defaults follow the study: 10 repeats, warm cache, real training.",
+)  # fmt: skip
 
 
 def load_experiment(path: str | None) -> Experiment:

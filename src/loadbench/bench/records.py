@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loadbench.util import clean, now_iso
 
@@ -103,13 +103,23 @@ def read_runs(results_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def latest_records(results_dir: str) -> list[RunRecord]:
-    """The last record of every run key, typed (a run tried again is recorded again)."""
+def latest_records(results_dir: str) -> tuple[list[RunRecord], int]:
+    """The last record of every run key, typed (a run tried again is recorded again), and how
+    many lines are not records this version can read (they are left out)."""
     latest: dict[str, dict[str, Any]] = {}
+    unreadable = 0
     for data in read_runs(results_dir):
-        if isinstance(data, dict) and "key" in data:
+        if isinstance(data, dict) and isinstance(data.get("key"), str):
             latest[data["key"]] = data
-    return [RunRecord.model_validate(data) for data in latest.values()]
+        else:
+            unreadable += 1
+    records = []
+    for data in latest.values():
+        try:
+            records.append(RunRecord.model_validate(data))
+        except ValidationError:
+            unreadable += 1
+    return records, unreadable
 
 
 def append_run(results_dir: str, record: RunRecord) -> None:

@@ -86,9 +86,11 @@ def load_results(path: str) -> Results:
     if os.path.isfile(exp_file):
         with open(exp_file, encoding="utf-8") as f:
             experiment = yaml.safe_load(f) or {}
-    latest = latest_records(path)
+    latest, unreadable = latest_records(path)
     ok = [r for r in latest if r.status == "ok"]
     failed = [r for r in latest if r.status != "ok"]
+    if unreadable:
+        notes.append(f"{unreadable} line(s) of {RUNS} are not run records and are left out")
     if not latest:
         notes.append("no finished run yet: runs.jsonl is empty or missing")
     elif not ok:
