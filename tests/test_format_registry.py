@@ -100,6 +100,14 @@ def raw_stores(registered, tmp_path_factory, rgb_source):
     }
 
 
+def test_every_peer_module_is_a_registered_peer():
+    """A peer is its module in `peers/` (and its pip extra): the registry finds it."""
+    from loadbench.formats import peer_modules, peer_names
+
+    assert peer_modules() and all(not m.rsplit(".", 1)[1].startswith("_") for m in peer_modules())
+    assert {type(get_format(name)).__module__ for name in peer_names()} == set(peer_modules())
+
+
 def test_the_registry_lists_a_registered_format(registered):
     assert NAME in format_names() and NAME in expand_names(["all"])
     assert get_format(NAME) is registered

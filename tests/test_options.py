@@ -228,3 +228,60 @@ def test_options_of_one_name_are_one_kind_of_flag():
         for name, owners in group.options.items():
             kinds = {o.kind for o in owners.values() if o.parse is None}
             assert len(kinds) <= 1 or cli_kind(owners) is str, name
+
+
+# -- the declaration itself ------------------------------------------------------------------------
+
+
+def test_an_option_types_and_checks_what_it_is_given():
+    count = Option(3, "images", kind=int, minimum=1)
+    assert count.coerce("5") == 5 and count.coerce(None) is None
+    with pytest.raises(ValueError, match="must be at least 1"):
+        count.coerce(0)
+    with pytest.raises(ValueError, match="must be a whole number"):
+        count.coerce("2.5")
+    ratio = Option(None, "a share", kind=float, above=0, below=1)
+    with pytest.raises(ValueError, match="must be less than 1"):
+        ratio.coerce("1")
+    codec = Option("none", "codec", choices=("none", "zstd"))
+    with pytest.raises(ValueError, match=r"must be one of none\|zstd"):
+        codec.coerce("lz4")
+    labels = Option("fine", "labels", choices=("fine", "coarse"), choices_text="fine or coarse")
+    with pytest.raises(ValueError, match="must be fine or coarse"):
+        labels.coerce("medium")
+    assert Option(False, "flag", kind=bool).coerce("yes") is True
+    assert Option((1,), "ints", parse=lambda v: tuple(int(x) for x in str(v).split(","))).coerce(
+        "2,3"
+    ) == (2, 3)
+
+
+def test_an_option_says_what_it_takes_and_its_default():
+    assert Option("none", "codec", choices=("none", "zstd")).describe() == "codec: none|zstd (none)"
+    assert Option(None, "chunk", kind=int, shown="about 1 MiB").describe() == "chunk (about 1 MiB)"
+    assert Option((20, 40), "widths").describe() == "widths (20,40)"
+    assert Option([], "augment").describe() == "augment (none)"
+
+
+def test_a_pydantic_model_made_from_declarations_checks_like_the_option():
+    from pydantic import ValidationError, create_model
+
+    from loadbench.options import fields
+
+    declared = {
+        "epochs": Option(10, "epochs", kind=int, above=0),
+        "optimizer": Option("adam", "optimizer", choices=("sgd", "adam")),
+        "channels": Option(3, "channels", kind=int, choices=(1, 3), choices_text="1 or 3"),
+        "widths": Option((8,), "widths", parse=lambda v: tuple(int(x) for x in str(v).split(","))),
+        "drop": Option([], "drop", parse=lambda v: [] if v is None else str(v).split(",")),
+    }
+    model = create_model("M", **fields(declared))
+    made = model.model_validate({"epochs": "3", "widths": "4,5", "drop": "a,b"})
+    assert (made.epochs, made.optimizer, made.channels, made.widths) == (3, "adam", 3, (4, 5))
+    assert made.drop == ["a", "b"] and model().drop == [] and model().drop is not model().drop
+    for bad, message in (
+        ({"epochs": 0}, "greater than 0"),
+        ({"optimizer": "lion"}, "'sgd' or 'adam'"),
+        ({"channels": 2}, "must be 1 or 3"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            model.model_validate(bad)

@@ -86,8 +86,6 @@ def show(value: Any) -> str:
         return "none"
     if isinstance(value, tuple | list):
         return ",".join(show(v) for v in value)
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1e4:
-        return f"{value:g}"
     return str(value)
 
 
@@ -143,11 +141,10 @@ def as_list(value: Any) -> list[Any]:
 # -- pydantic models from declarations ---------------------------------------------------------
 
 
-def field(option: Option, *, optional: bool = False) -> tuple[Any, Any]:
-    """(annotation, FieldInfo) validating the option in a pydantic model; `optional`: the
-    field is None unless given (its declared default applies later, as a model's does)."""
-    nullable = optional or option.default is None
-    default = None if optional else option.default
+def field(option: Option) -> tuple[Any, Any]:
+    """(annotation, FieldInfo) validating the option in a pydantic model: its type, choices,
+    bounds and default; None is allowed when the default is None."""
+    nullable, default = option.default is None, option.default
     if option.parse is not None:
         parse = _none_or(option.parse) if nullable else option.parse
         annotation: Any = Annotated[Any, BeforeValidator(parse)]
@@ -169,9 +166,9 @@ def field(option: Option, *, optional: bool = False) -> tuple[Any, Any]:
     return annotation, info
 
 
-def fields(options: Mapping[str, Option], *, optional: bool = False) -> dict[str, Any]:
+def fields(options: Mapping[str, Option]) -> dict[str, Any]:
     """`field` of every option, for `pydantic.create_model(..., **fields(options))`."""
-    return {name: field(option, optional=optional) for name, option in options.items()}
+    return {name: field(option) for name, option in options.items()}
 
 
 def _none_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:

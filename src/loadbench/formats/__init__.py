@@ -24,8 +24,7 @@ from loadbench.formats.base import (
 from loadbench.formats.pixels import DTYPES, to_stored, to_uint8
 
 # Adding a format: its module, and one line here. One file per image, then arrays, then
-# records, then the device-resident tensor; then the peer loaders (other projects' libraries,
-# optional installs, under `loadbench.peers`).
+# records, then the device-resident tensor.
 MODULES = (
     "loadbench.formats.files",
     "loadbench.formats.npy",
@@ -35,29 +34,41 @@ MODULES = (
     "loadbench.formats.webdataset",
     "loadbench.formats.tfrecord",
     "loadbench.formats.tensor",
-    "loadbench.peers.imagefolder",
-    "loadbench.peers.webdataset_lib",
-    "loadbench.peers.hf_datasets",
-    "loadbench.peers.litdata_lib",
 )
+# Peer loaders (other projects' libraries, optional installs) are found, not listed: every
+# module of this package but its shared parts (`_base`, `_pipeline`). Adding a peer is its
+# module and its pip name in the `peers` extra.
+PEERS_PACKAGE = "loadbench.peers"
 
 __all__ = [
-    "DTYPES", "MODULES", "Format", "Option", "SplitLayout", "SplitReader", "SplitWriter",
-    "all_names", "expand_names", "format_names", "get_format", "is_format", "list_formats",
-    "peer_names", "register_format", "to_stored", "to_uint8", "unregister_format",
+    "DTYPES", "MODULES", "PEERS_PACKAGE", "Format", "Option", "SplitLayout", "SplitReader",
+    "SplitWriter", "all_names", "expand_names", "format_names", "get_format", "is_format",
+    "list_formats", "peer_modules", "peer_names", "register_format", "to_stored", "to_uint8",
+    "unregister_format",
 ]  # fmt: skip
 
 _loaded = False
 
 
+def peer_modules() -> list[str]:
+    """The peer loaders' modules, by name."""
+    import pkgutil
+
+    package = importlib.import_module(PEERS_PACKAGE)
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+    return [f"{PEERS_PACKAGE}.{name}" for name in names if not name.startswith("_")]
+
+
 def _registry() -> dict[str, Format]:
-    """Every format, in `MODULES` order (formats registered elsewhere after them)."""
+    """Every format: loadbench's in `MODULES` order, then the peers, then formats registered
+    from elsewhere."""
     global _loaded
     if not _loaded:
-        for module in MODULES:
+        modules = [*MODULES, *peer_modules()]
+        for module in modules:
             importlib.import_module(module)
         _loaded = True
-        rank = {module: k for k, module in enumerate(MODULES)}
+        rank = {module: k for k, module in enumerate(modules)}
         ordered = sorted(REGISTRY.values(), key=lambda f: rank.get(type(f).__module__, len(rank)))
         REGISTRY.clear()  # the same dict, in order: base.py lists from it too
         REGISTRY.update((f.name, f) for f in ordered)

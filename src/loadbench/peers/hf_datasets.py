@@ -18,7 +18,7 @@ from loadbench.formats.base import (
     SplitWriter,
     register_format,
 )
-from loadbench.peers.base import PeerFormat
+from loadbench.peers._base import PeerFormat
 
 
 def _import_datasets():
@@ -124,7 +124,7 @@ class HfDatasetsReader(SplitReader):
         return image.permute(2, 0, 1).float().div_(255)  # Array3D arrives as int64 H,W,C
 
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
-        from loadbench.peers.pipeline import map_style_loader
+        from loadbench.peers._pipeline import map_style_loader
 
         return map_style_loader(self, order, batch_size, workers, pin_memory, augmenter)
 

@@ -13,7 +13,7 @@ import numpy as np
 from loadbench.formats import codecs
 from loadbench.formats.base import Option, SplitLayout, SplitWriter, register_format
 from loadbench.formats.files import FilesReader, FilesWriter
-from loadbench.peers.base import PeerFormat
+from loadbench.peers._base import PeerFormat
 
 
 def _gray_loader(path: str):
@@ -79,7 +79,7 @@ class ImageFolderReader(FilesReader):
         return [h["folder"][int(h["positions"][i])] for i in indices]
 
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
-        from loadbench.peers.pipeline import map_style_loader
+        from loadbench.peers._pipeline import map_style_loader
 
         _ = self.handle  # scan the folders once, here, before the workers start
         return map_style_loader(self, order, batch_size, workers, pin_memory, augmenter)

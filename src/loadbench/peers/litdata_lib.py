@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 
 from loadbench.formats.base import Option, SplitLayout, SplitReader, SplitWriter, register_format
-from loadbench.peers.base import PeerFormat, loader_args, refuse_balance, subset
+from loadbench.peers._base import PeerFormat, loader_args, refuse_balance, subset
 
 
 def _import_litdata():
@@ -146,7 +146,7 @@ class LitdataReader(SplitReader):
         return out, labels
 
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
-        from loadbench.peers.pipeline import Sample, SharedEpoch, StreamEpochs
+        from loadbench.peers._pipeline import Sample, SharedEpoch, StreamEpochs
 
         litdata = _import_litdata()
         refuse_balance(order, "litdata")

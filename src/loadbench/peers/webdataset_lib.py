@@ -12,7 +12,7 @@ import numpy as np
 from loadbench.formats.base import Option, register_format
 from loadbench.formats.records import SHARD_OPTION, RecordFormat, encoding_options
 from loadbench.formats.webdataset import EXTENSION, WebDatasetReader, WebDatasetWriter
-from loadbench.peers.base import PeerFormat, epoch_seed, loader_args, refuse_balance, subset
+from loadbench.peers._base import PeerFormat, epoch_seed, loader_args, refuse_balance, subset
 
 
 class _KeyIn:
@@ -37,7 +37,7 @@ class _Pipeline:
     def __call__(self, epoch: int, worker: int):
         import webdataset as wds
 
-        from loadbench.peers.pipeline import collate
+        from loadbench.peers._pipeline import collate
 
         seed = epoch_seed(self.seed, epoch)
         # empty_check off: with more workers than shards some workers get no shard, by design.
@@ -70,7 +70,7 @@ class WebDatasetLibReader(WebDatasetReader):
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
         import webdataset as wds
 
-        from loadbench.peers.pipeline import EpochStream, Sample, StreamEpochs, collate
+        from loadbench.peers._pipeline import EpochStream, Sample, StreamEpochs, collate
 
         refuse_balance(order, "webdataset-lib")
         pipeline = _Pipeline(

@@ -15,7 +15,7 @@ import torch
 import torch.utils.data
 
 from loadbench.formats.pixels import to_tensor
-from loadbench.peers.base import loader_args
+from loadbench.peers._base import loader_args
 from loadbench.training.loaders import EpochSampler, stop_workers
 
 
