@@ -181,7 +181,7 @@ class SplitReader:
                augmenter):  # fmt: skip
         """An iterable of (float32 images N,C,H,W in [0, 1], int64 labels N) over
         `order.draw()` of each epoch, for readers that bring their own pipeline (peer loaders);
-        None means loadbench's DataLoader path (`training.loaders.make_batches`)."""
+        None means loadbench's DataLoader path (`training.batches.make_batches`)."""
         return None
 
     def resident(self, device):
