@@ -23,9 +23,10 @@ from loadbench.bench.telemetry import Sampler
 from loadbench.errors import LoadbenchError
 
 TINY = "synthetic:cifar-like?count=96&eval_count=32&size=12&classes=3"
+# TINY has train and test splits only: each epoch evaluates (and records) the test split.
 EPOCH_KEYS = {
     "epoch", "time_s", "data_wait_s", "compute_s", "images_per_s", "first_batch_s",
-    "train_loss", "val_loss", "val_accuracy", "peak_rss_bytes", "mean_rss_bytes",
+    "train_loss", "test_loss", "test_accuracy", "peak_rss_bytes", "mean_rss_bytes",
     "cpu_pct_mean", "cpu_pct_max", "system_cpu_pct_mean", "read_bytes", "sampler_busy_s",
     "gpu_util_pct_mean", "gpu_mem_used_bytes_max",
 }  # fmt: skip

@@ -127,9 +127,13 @@ def test_train_predict_and_lr_find_from_the_command_line(tmp_path):
     from PIL import Image
 
     Image.new("L", (9, 7), 128).save(tmp_path / "odd.png")
-    predicted = run("predict", run_dir / "model.pt", tmp_path / "odd.png", "--top", "2")
+    predicted = run(
+        "predict", run_dir / "model.pt", tmp_path / "odd.png", "--top", "2", "--resize", "none"
+    )
     assert predicted.returncode == 0, predicted.stderr
     assert "odd.png (7x9):" in predicted.stdout and predicted.stdout.count("%") == 2
+    scaled = run("predict", run_dir / "model.pt", tmp_path / "odd.png")  # --resize auto
+    assert scaled.returncode == 0 and "odd.png (8x10):" in scaled.stdout  # shorter side 8
     found = run("lr-find", "digits?limit=60", "--iterations", "30", "--out", tmp_path / "lrf")
     assert found.returncode == 0, found.stderr
     assert (tmp_path / "lrf" / "lr_find.png").is_file()

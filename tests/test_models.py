@@ -212,13 +212,6 @@ def test_resnet18_small_stem_for_small_images():
     assert grey.conv1.weight.shape == (64, 1, 7, 7)
 
 
-def test_resnet18_frozen_backbone_trains_only_the_head():
-    model = create_model("resnet18", (3, 32, 32), 10, freeze_backbone="true")
-    total, trainable = count_parameters(model)
-    assert trainable == 512 * 10 + 10 < total
-    assert all(p.requires_grad == n.startswith("fc.") for n, p in model.named_parameters())
-
-
 @pytest.fixture(scope="module")
 def imagenet_weights(tmp_path_factory):
     """A ResNet-18 state dict as torchvision saves one: 1000 classes, ImageNet stem."""
@@ -229,6 +222,14 @@ def imagenet_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet18-imagenet.pt"
     torch.save(state, path)
     return path, state
+
+
+def test_resnet18_frozen_backbone_trains_only_the_head(imagenet_weights):
+    path, _ = imagenet_weights
+    model = create_model("resnet18", (3, 32, 32), 10, weights=str(path), freeze_backbone="true")
+    total, trainable = count_parameters(model)
+    assert trainable == 512 * 10 + 10 < total
+    assert all(p.requires_grad == n.startswith("fc.") for n, p in model.named_parameters())
 
 
 def test_resnet18_loads_backbone_weights_with_a_new_head(imagenet_weights):
@@ -252,11 +253,14 @@ def test_resnet18_weights_from_a_training_checkpoint(imagenet_weights, tmp_path,
     assert torch.equal(model.state_dict()["layer2.0.conv2.weight"], saved["layer2.0.conv2.weight"])
 
 
-def test_resnet18_small_stem_keeps_its_own_conv1(imagenet_weights):
+def test_resnet18_auto_stem_with_weights_keeps_the_files_conv1(imagenet_weights):
+    """Small images with weights: a stem that uses the file's 7x7 conv1, never a fresh one."""
     path, saved = imagenet_weights
-    model = create_model("resnet18", (3, 32, 32), 10, weights=str(path))  # auto: small stem
-    assert model.conv1.weight.shape == (64, 3, 3, 3)
-    assert torch.equal(model.state_dict()["layer3.1.conv1.weight"], saved["layer3.1.conv1.weight"])
+    model = create_model("resnet18", (3, 32, 32), 10, weights=str(path))  # auto
+    assert torch.equal(model.conv1.weight, saved["conv1.weight"])
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("fc."))
+    assert run(model, (3, 32, 32)).shape == (2, 10)
 
 
 def test_resnet18_grey_input_sums_rgb_conv1(imagenet_weights):
@@ -267,11 +271,15 @@ def test_resnet18_grey_input_sums_rgb_conv1(imagenet_weights):
     assert run(model, (1, 64, 64)).shape == (2, 5)
 
 
-def test_resnet18_partly_matching_weights_warn(imagenet_weights, tmp_path):
+def test_resnet18_partial_weights_are_an_error_naming_what_is_missing(imagenet_weights, tmp_path):
     _, saved = imagenet_weights
     torch.save({k: v for k, v in saved.items() if not k.startswith("layer4.")}, tmp_path / "p.pt")
-    with pytest.warns(UserWarning, match="did not match"):
+    with pytest.raises(LoadbenchError, match=r"p\.pt does not fit .*lacks 25 tensors: layer4\.\*"):
         create_model("resnet18", (3, 32, 32), 10, weights=str(tmp_path / "p.pt"))
+    one_less = {k: v for k, v in saved.items() if k != "layer3.1.bn2.running_var"}
+    torch.save(one_less, tmp_path / "q.pt")
+    with pytest.raises(LoadbenchError, match=r"lacks 1 tensor: layer3\.1\.bn2\.running_var\."):
+        create_model("resnet18", (3, 32, 32), 10, weights=str(tmp_path / "q.pt"))
 
 
 def test_resnet18_bad_weights_files_name_the_file(tmp_path):
@@ -283,7 +291,7 @@ def test_resnet18_bad_weights_files_name_the_file(tmp_path):
         create_model("resnet18", (3, 32, 32), 10, weights=str(tmp_path / "missing.pt"))
     other = tmp_path / "cnn.pt"
     torch.save(create_model("cnn-blocks", (3, 32, 32), 10).state_dict(), other)
-    with pytest.raises(LoadbenchError, match=r"cnn\.pt does not fit .* first mismatches: conv1"):
+    with pytest.raises(LoadbenchError, match=r"cnn\.pt does not fit resnet18 .* lacks .*conv1"):
         create_model("resnet18", (3, 32, 32), 10, weights=str(other))
     not_tensors = tmp_path / "numbers.pt"
     torch.save({"a": 1}, not_tensors)

@@ -16,12 +16,13 @@ from loadbench.formats import list_formats
 from loadbench.options import Option, OptionGroup, as_flag
 from loadbench.sources import SOURCE_KINDS, source_options
 from loadbench.sources.base import COMMON_OPTIONS
-from loadbench.training.config import GROUPS, TrainConfig, load_config
+from loadbench.training.config import GROUPS, SOURCE_OPTION_KEYS, TrainConfig, load_config
 from loadbench.training.models import list_models
 
 # Values for options whose default says nothing about what they take.
 EXAMPLES = {"remap": "a=0", "drop": "0", "augment": "flip", "milestones": "2,3", "device": "cpu",
-            "size": "16", "eval_split": "test", "weights": "none"}  # fmt: skip
+            "size": "16", "eval_split": "test", "weights": "none",
+            "resplit": "70,15,15"}  # fmt: skip
 SOURCE_OF = {"cifar10": "cifar10:/x", "cifar100": "cifar100:/x", "mnist": "mnist:/x",
              "fashion-mnist": "fashion-mnist:/x", "tiny-imagenet": "tiny-imagenet:/x",
              "folder": "folder:/x", "digits": "digits",
@@ -194,7 +195,10 @@ def test_training_options(helps, name, option):
         == TrainConfig.model_validate({"data": "-", name: value}).model_dump()[name]
     )
     experiment = {"datasets": [{"source": "digits"}]}
-    if name not in MATRIX_KEYS:
+    if name in SOURCE_OPTION_KEYS:  # a source option: experiments give it per dataset
+        with pytest.raises(ValueError, match="are source options"):
+            Experiment.model_validate({**experiment, "train": {name: params[name]}})
+    elif name not in MATRIX_KEYS:
         Experiment.model_validate({**experiment, "train": {name: params[name]}})
     elif name in Experiment.model_fields:  # set by the matrix, at the top of the file
         field = Experiment.model_fields[name].annotation

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import loadbench
-from loadbench.sources.base import first_n_stratified, parse_remap
+from loadbench.sources.selection import first_n_stratified, parse_remap
 
 
 def test_digits_is_real_and_embedded():

@@ -168,19 +168,41 @@ class MemoryStore(Store):
         return ArrayReader(*self.arrays[split], split)
 
 
-def open_data(spec_or_path: str, device: str | None = None, cache_dir: str | None = None) -> Store:
+def open_data(
+    spec_or_path: str,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    source_options: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> Store:
     """A store directory or URL opened with `open_store`, or else a source spec held in
-    memory."""
-    from loadbench.sources import load_source
+    memory, with `source_options` (and `seed`, unless the spec sets its own)."""
+    from loadbench import progress
+    from loadbench.sources import load_source, split_spec
 
-    if is_url(str(spec_or_path)):
-        return open_store(str(spec_or_path), device, cache_dir=cache_dir)
-    path = os.path.expanduser(str(spec_or_path))
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+    spec = str(spec_or_path)
+    path = os.path.expanduser(spec)
+    local_store = os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+    is_store = is_url(spec) or local_store
+    if is_store and source_options:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in source_options)
+        raise LoadbenchError(
+            f"{flags} apply to a source, and {spec} is a store (converted with its own): give "
+            "them when converting, or train from the source"
+        )
+    if is_url(spec):
+        return open_store(spec, device, cache_dir=cache_dir)
+    if is_store:
         return open_store(path, device)
     if os.path.isdir(path) and find_stores(path):
         read_manifest(path)  # raises the "folder of stores" error
-    return MemoryStore(load_source(str(spec_or_path)))
+    options = dict(source_options or {})
+    if seed is not None and "seed" not in split_spec(spec)[2]:
+        options.setdefault("seed", seed)
+    source = load_source(spec, **options)
+    for note in source.notes:
+        progress.note(note)
+    return MemoryStore(source)
 
 
 def open_store(

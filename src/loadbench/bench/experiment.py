@@ -42,7 +42,7 @@ from loadbench.options import fields
 from loadbench.remote import is_url, storage_options
 from loadbench.sources import check_source_options
 from loadbench.training.batches import ACCESS_MODES, LOADER_OPTIONS
-from loadbench.training.config import RUN_OPTIONS, TrainConfig, explain
+from loadbench.training.config import RUN_OPTIONS, SOURCE_OPTION_KEYS, TrainConfig, explain
 from loadbench.training.models import resolve_model_options
 from loadbench.training.order import ORDER_OPTIONS
 
@@ -213,6 +213,12 @@ class _Matrix(BaseModel):
         clash = sorted(set(value) & MATRIX_KEYS)
         if clash:
             raise ValueError(f"{', '.join(clash)} are set by the matrix, not under train:")
+        sourced = sorted(set(value) & set(SOURCE_OPTION_KEYS))
+        if sourced:
+            raise ValueError(
+                f"{', '.join(sourced)} are source options: give them under datasets: "
+                "(options: or limit:), where the stores are made"
+            )
         try:
             config = TrainConfig.model_validate({"data": "-", **value})
         except ValidationError as e:

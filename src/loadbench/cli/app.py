@@ -26,8 +26,9 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -36,6 +37,9 @@ def _main(
         from loadbench.version import __version__
 
         stdout.print(f"loadbench {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:  # `loadbench --debug` alone: what there is to run
+        stdout.print(ctx.get_help())
         raise typer.Exit()
 
 

@@ -121,6 +121,14 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="Image files of any size.")],
     top: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resize: Annotated[
+        str,
+        typer.Option(
+            help="auto: the training scale (models with a GAP head keep the aspect ratio, the "
+            "shorter side becomes the training size; others: as train); train: resized and "
+            "centre-cropped to the training size; none: the image's own size (GAP head only)."
+        ),
+    ] = "auto",
 ) -> None:
     """Classify image files with a trained model and print the top classes with probabilities.
 
@@ -128,20 +136,24 @@ def predict(
     """
     from loadbench.training.predict import predict_files
 
-    for p in predict_files(model_file, images, top=top, device=device):
+    for p in predict_files(model_file, images, top=top, device=device, resize=resize):
         h, w = p.size
         ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in p.top)
         stdout.print(f"{p.path} ({h}x{w}): {ranked}", highlight=False)
 
 
 @app.command()
+@with_flags(GROUPS[0], exclude=("model",))
 def models(
     input_shape: Annotated[str, typer.Option("--input", help="Image size HxWxC.")] = "32x32x3",
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
+    **options: Any,
 ) -> None:
-    """List the models with their parameter counts for an input shape.
+    """List the models with their parameter counts for an input shape (and any model options).
 
-    Example: [bold]loadbench models --input 28x28x1 --classes 10[/bold]
+    Examples:
+      [bold]loadbench models --input 28x28x1 --classes 10[/bold]
+      [bold]loadbench models --filters 20[/bold]                  (cnn-tiny with 20 filters per conv)
     """
     from loadbench.training.models import models_table
 
@@ -151,6 +163,7 @@ def models(
         raise LoadbenchError(f"--input {input_shape!r} is not HxWxC, e.g. 32x32x3") from None
     columns = ["model", "what", "parameters", "options (defaults)"]
     shown = table(f"Models for {h}x{w}x{c} images, {classes} classes", columns, ("parameters",))
-    for name, summary, count, options in models_table((c, h, w), classes):
-        shown.add_row(name, summary, f"{count:,}", options)
+    given = {k: v for k, v in options.items() if v is not None}
+    for name, summary, count, text in models_table((c, h, w), classes, **given):
+        shown.add_row(name, summary, f"{count:,}", text)
     stdout.print(shown)

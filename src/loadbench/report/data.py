@@ -117,7 +117,7 @@ RUN_COLUMNS = [
 EPOCH_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
     "repeat", "epoch",
-    "time_s", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "time_s", "train_loss", "train_accuracy", "evaluated", "eval_loss", "eval_accuracy",
 ]  # fmt: skip
 
 
@@ -201,8 +201,13 @@ def _hit_rate(epochs: list[dict[str, Any]]) -> float | None:
 def epoch_row(r: RunRecord, e: dict[str, Any]) -> dict[str, Any]:
     row = {k: getattr(r, k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
                                       "cache", "repeat", "shuffle", "storage")}  # fmt: skip
-    row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy",
-                                      "val_loss", "val_accuracy")})  # fmt: skip
+    row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy")})
+    # The split evaluated each epoch: val, or test where the store had none (records before
+    # the split was named call either "val").
+    evaluated = next((s for s in ("val", "test") if e.get(f"{s}_loss") is not None), None)
+    row["evaluated"] = evaluated
+    row["eval_loss"] = e.get(f"{evaluated}_loss") if evaluated else None
+    row["eval_accuracy"] = e.get(f"{evaluated}_accuracy") if evaluated else None
     return row
 
 

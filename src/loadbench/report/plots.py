@@ -56,7 +56,7 @@ def plot_dataset(results: Results, dataset: str, out_dir: str) -> dict[str, str]
     if runs["dtype"].nunique() > 1:
         made["dtypes"] = _dtype_bars(runs, dataset, f"{base}-dtypes.png")
     epochs = results.epochs[results.epochs["dataset"] == dataset]
-    if epochs["val_loss"].notna().any():
+    if epochs["eval_loss"].notna().any():
         made["curves"] = _curves(epochs, dataset, f"{base}-curves.png")
     return {kind: str(path) for kind, path in made.items() if path}
 
@@ -176,17 +176,18 @@ def _curves(epochs, dataset, path):
     for fmt, part in mean.groupby("format", sort=False):
         c = colour(fmt)
         loss_ax.plot(part["epoch"], part["train_loss"], "--", color=c, alpha=0.6)
-        loss_ax.plot(part["epoch"], part["val_loss"], "-", color=c, label=fmt)
+        loss_ax.plot(part["epoch"], part["eval_loss"], "-", color=c, label=fmt)
         acc_ax.plot(part["epoch"], part["train_accuracy"], "--", color=c, alpha=0.6)
-        acc_ax.plot(part["epoch"], part["val_accuracy"], "-", color=c, label=fmt)
-    top = np.nanmax(mean[["train_loss", "val_loss"]].to_numpy()) if len(mean) else 1.0
+        acc_ax.plot(part["epoch"], part["eval_accuracy"], "-", color=c, label=fmt)
+    top = np.nanmax(mean[["train_loss", "eval_loss"]].to_numpy()) if len(mean) else 1.0
     loss_ax.set_ylim(0, (top if np.isfinite(top) else 1.0) * 1.05)
     acc_ax.set_ylim(0, 1)
     for ax, what in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=7, title="solid: test/val, dashed: train", title_fontsize=7)
+    evaluated = "/".join(sorted(set(epochs["evaluated"].dropna()))) or "held-out"
+    acc_ax.legend(fontsize=7, title=f"solid: {evaluated}, dashed: train", title_fontsize=7)
     fig.suptitle(f"{dataset}: training curves per format (mean over repeats)")
     return save_png(fig, path)
 

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
-from loadbench.sources.base import COMMON_OPTIONS, RawDataset, Source, SourceOptions, options_model
+from loadbench.sources.base import COMMON_OPTIONS, Source, SourceOptions, options_model
+from loadbench.sources.raw import RawDataset
 
 __all__ = [
     "SOURCE_KINDS", "Source", "SourceOptions", "from_arrays", "load_source", "register_source",
@@ -154,7 +155,7 @@ def from_arrays(
 
     import numpy as np
 
-    from loadbench.sources.base import ArraySplit
+    from loadbench.sources.raw import ArraySplit
 
     raw_splits, digest, shape = {}, hashlib.sha256(), None
     for split, (images, labels) in splits.items():
@@ -207,8 +208,8 @@ def canonical_spec(kind: str, arg: str | None, opts: SourceOptions) -> str:
         value = values[key]
         if key == "remap":
             value = ";".join(f"{new}={','.join(olds)}" for new, olds in value.items())
-        elif isinstance(value, list):
-            value = ",".join(map(str, value))
+        elif isinstance(value, list | tuple):
+            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
         query[key] = str(value).lower() if isinstance(value, bool) else value
     text = kind + (f":{arg}" if arg else "")
     return text + (f"?{urlencode(query, safe=',;=:/')}" if query else "")

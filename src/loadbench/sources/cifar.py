@@ -19,7 +19,8 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
 from loadbench.sources import register_source
-from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions
+from loadbench.sources.base import SourceOptions
+from loadbench.sources.raw import ArraySplit, RawDataset
 
 
 @dataclass(frozen=True)

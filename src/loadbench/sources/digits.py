@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from loadbench.sources import register_source
-from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions, stratified_sample
+from loadbench.sources.base import SourceOptions
+from loadbench.sources.raw import ArraySplit, RawDataset
+from loadbench.sources.selection import stratified_sample
 
 
 @register_source(

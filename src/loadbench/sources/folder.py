@@ -14,8 +14,8 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
 from loadbench.sources import register_source
-from loadbench.sources.base import RawDataset
 from loadbench.sources.images import FileSplit, image_size, is_image_file, parse_size
+from loadbench.sources.raw import RawDataset
 
 SPLIT_NAMES = ("train", "val", "test")
 

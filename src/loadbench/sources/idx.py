@@ -13,7 +13,8 @@ import numpy as np
 
 from loadbench.errors import LoadbenchError
 from loadbench.sources import register_source
-from loadbench.sources.base import ArraySplit, RawDataset, SourceOptions
+from loadbench.sources.base import SourceOptions
+from loadbench.sources.raw import ArraySplit, RawDataset
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

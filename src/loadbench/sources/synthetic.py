@@ -20,7 +20,7 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
 from loadbench.sources import register_source
-from loadbench.sources.base import RawDataset, RawSplit
+from loadbench.sources.raw import RawDataset, RawSplit
 
 
 @dataclass(frozen=True)

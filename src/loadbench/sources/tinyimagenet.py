@@ -13,9 +13,9 @@ import numpy as np
 
 from loadbench.errors import LoadbenchError
 from loadbench.sources import register_source
-from loadbench.sources.base import RawDataset
 from loadbench.sources.folder import IMAGE_FILE_OPTIONS, make_samples
 from loadbench.sources.images import FileSplit, parse_size
+from loadbench.sources.raw import RawDataset
 
 
 def _root(path: str) -> str:

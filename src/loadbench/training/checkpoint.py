@@ -43,10 +43,15 @@ class Classifier(torch.nn.Module):
 
 
 def build_classifier(meta: dict[str, Any]) -> Classifier:
-    from loadbench.training.models import create_model
+    """The network a model file was saved from, to load its weights into. Files record the
+    architecture's options; files of older versions recorded the weights file they started
+    from, which is dropped (the file's own weights replace it)."""
+    from loadbench.training.models import architecture_options, create_model
 
+    shape = tuple(meta["input_shape"])
     options = {k: v for k, v in meta["model_options"].items() if k != "weights"}
-    net = create_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), **options)
+    options = architecture_options(meta["model"], shape, options)
+    net = create_model(meta["model"], shape, len(meta["classes"]), **options)
     return Classifier(net, meta["mean"], meta["std"])
 
 

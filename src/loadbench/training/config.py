@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from loadbench.errors import LoadbenchError
 from loadbench.formats.chunked import CHUNK_CACHE_OPTIONS
 from loadbench.options import Option, OptionGroup, fields
+from loadbench.sources import source_options
+from loadbench.sources.base import COMMON_OPTIONS
 from loadbench.storefiles import READ_THROUGH_OPTIONS
 from loadbench.training.augment import AUGMENT_OPTIONS
 from loadbench.training.batches import LOADER_OPTIONS
@@ -47,7 +49,12 @@ RUN_OPTIONS = {
     "device": Option("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)", parse=_device),
     "amp": Option(False, "mixed precision (fp16 on CUDA, bf16 on CPU)", kind=bool),
     "compile": Option(False, "torch.compile the model (compile time reported apart)", kind=bool),
-    "seed": Option(0, "seeds Python, NumPy and torch", kind=int),
+    "seed": Option(
+        0,
+        "seeds Python, NumPy and torch, and a source given as DATA (its resplit, carved "
+        "splits and generated images) unless its spec sets ?seed=",
+        kind=int,
+    ),
     "smooth": Option(
         0.0, "EMA smoothing of the curves plot, 0-0.99", kind=float, minimum=0, below=1
     ),
@@ -57,7 +64,15 @@ RUN_OPTIONS = {
 MODEL_CHOICE = {
     "model": Option("cnn-blocks", ", ".join(spec.name for spec in list_models())),
 }
-# The options of a training run, as `--help` groups them.
+# Source options, for DATA given as a source spec; `seed` and `val_ratio` are the run's own
+# (the run's seed seeds the source too; its val_ratio carves val from train as a source's does).
+SOURCE_GROUP = OptionGroup.of(
+    "Source options (DATA a source)",
+    {k: v for k, v in COMMON_OPTIONS.items() if k not in ("seed", "val_ratio")},
+    owned=source_options(),
+)
+# The options of a training run, as `--help` groups them. Model and source options are kept as
+# given and checked by the model or source they are for.
 GROUPS = (
     OptionGroup.of("Model", MODEL_CHOICE, owned=model_options()),
     OptionGroup.of("Optimizer and schedule", OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS),
@@ -71,8 +86,10 @@ GROUPS = (
         READ_THROUGH_OPTIONS,
     ),
     OptionGroup.of("Run", RUN_OPTIONS),
+    SOURCE_GROUP,
 )
 MODEL_OPTION_KEYS = tuple(name for name, owners in GROUPS[0].options.items() if "" not in owners)
+SOURCE_OPTION_KEYS = tuple(SOURCE_GROUP.options)
 # The epoch-order keys and their defaults: training's, experiments', and those of benchmark runs
 # recorded before the keys existed.
 ORDER_DEFAULTS = {
@@ -82,9 +99,9 @@ ORDER_DEFAULTS = {
 }
 
 
-def _model_option_field(name: str, owners: dict[str, Option]) -> tuple[Any, Any]:
-    """A model option in a config: the value as given (None: the model's default), checked by
-    the model it is for when the model is built; its type when every model agrees on one."""
+def _forwarded_field(name: str, owners: dict[str, Option]) -> tuple[Any, Any]:
+    """A model or source option in a config: the value as given (None: the default), checked
+    by the model or source it is for when that is built; its type when every owner agrees."""
     kinds = {option.kind for option in owners.values() if option.parse is None}
     typed = len(kinds) == 1 and not any(option.parse for option in owners.values())
     annotation = kinds.pop() if typed else Any
@@ -98,10 +115,10 @@ def _fields() -> dict[str, Any]:
     }
     for group in GROUPS:
         for name, owners in group.options.items():
-            if "" in owners:
-                out.update(fields({name: owners[""]}))
+            if name in MODEL_OPTION_KEYS or name in SOURCE_OPTION_KEYS:
+                out[name] = _forwarded_field(name, owners)
             else:
-                out[name] = _model_option_field(name, owners)
+                out.update(fields({name: owners[""]}))
     return out
 
 
@@ -111,6 +128,10 @@ class _Config(BaseModel):
     def model_options(self) -> dict[str, Any]:
         """The model options that were given (the rest take the model's defaults)."""
         return {k: getattr(self, k) for k in MODEL_OPTION_KEYS if getattr(self, k) is not None}
+
+    def source_options(self) -> dict[str, Any]:
+        """The source options that were given (for DATA that is a source spec)."""
+        return {k: getattr(self, k) for k in SOURCE_OPTION_KEYS if getattr(self, k) is not None}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -9,10 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,16 +27,18 @@ from loadbench.training.batches import make_batches, shutdown
 from loadbench.training.config import TrainConfig
 from loadbench.training.distributed import Dist, gather_epoch, setup
 from loadbench.training.metrics import EpochMeter
+from loadbench.training.models import architecture_options
 from loadbench.training.optim import current_lr, make_optimizer, make_schedule
 from loadbench.training.order import EpochOrder
+from loadbench.training.runfiles import json_able, restore, save_progress
 from loadbench.training.sharding import Shard
 from loadbench.training.splits import SplitPlan, channel_stats, labels_of, plan_splits
-from loadbench.util import atomic_file, write_text_atomic
 
-HISTORY_COLUMNS = (
-    "epoch", "time_s", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "data_wait_s", "compute_s", "eval_time_s", "images_per_s", "first_batch_s",
-)  # fmt: skip
+
+def open_run_data(config: TrainConfig) -> Store:
+    """What a run trains on: a store, or a source with the run's source options and seed."""
+    return open_data(config.data, cache_dir=config.cache_dir,
+                     source_options=config.source_options(), seed=config.seed)  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,13 +80,14 @@ class Run:
         """`callbacks` get each epoch's record, on every rank; `epoch_extras` (every rank, at
         each epoch's end) adds fields to it and, under DDP, to the rank's entry of `ranks`."""
         self.config = c = config
-        self.store = store if store is not None else open_data(c.data, cache_dir=c.cache_dir)
+        self.store = store if store is not None else open_run_data(c)
         self.dist: Dist = setup(resolve_device(c.device))  # torchrun's process group, if any
         self.device = self.dist.place(resolve_device(c.device))
         self.out_dir = out_dir if out_dir is not None else c.out
         self.callbacks, self.epoch_extras = callbacks, epoch_extras
         seed_everything(c.seed)
-        self.plan = plan or plan_splits(self.store, c.eval_split, c.val_ratio, c.seed)
+        selects = c.early_stopping is not None  # the best epoch is chosen on the evaluation
+        self.plan = plan or plan_splits(self.store, c.eval_split, c.val_ratio, c.seed, selects)
         self.train_labels = labels_of(self.store, "train")[self.plan.train_indices]
         self.eval_labels = labels_of(self.store, self.plan.eval_source)[self.plan.eval_indices]
         self.classes = self.store.classes
@@ -109,6 +109,10 @@ class Run:
         self.ddp = self.dist.wrap(self.model)
         self.forward = self.ddp or self.model
         self.eval_forward = self.model if self.ddp else self.forward
+
+    def restore(self, out_dir: str) -> int:
+        """Continue from the checkpoint in `out_dir`: the epoch to go on with."""
+        return restore(self, out_dir)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
@@ -133,6 +137,7 @@ class Run:
         self.input_shape = (channels, h, w)
         net = create_model(c.model, self.input_shape, len(self.classes), **c.model_options())
         normalize = c.normalize if c.normalize is not None else c.model != "cnn-tiny"
+        self.normalized = normalize
         if normalize:  # statistics of the training images only (document 003)
             mean, std = channel_stats(self.store, "train", self.plan.train_indices)
         else:  # document 004's minimal net takes the image scaled to [0, 1] as it is
@@ -151,6 +156,7 @@ class Run:
             )
         augmenter = Augmenter(augment, copy_augment, c.seed) if augment or copy_augment else None
         pin = c.pin_memory if c.pin_memory is not None else self.device.type == "cuda"
+        self.pinned = pin and c.access != "device"
         common = {
             "access": c.access, "batch_size": c.batch_size, "workers": c.workers,
             "pin_memory": pin and c.access != "device", "device": self.device,
@@ -179,7 +185,11 @@ class Run:
         """What a model file needs to be used again (see checkpoint.save_model)."""
         return {
             "model": self.config.model,
-            "model_options": _json_able(self.config.model_options()),
+            "model_options": json_able(
+                architecture_options(
+                    self.config.model, self.input_shape, self.config.model_options()
+                )
+            ),  # fmt: skip
             "input_shape": list(self.input_shape),
             "classes": list(self.classes),
             "mean": list(self.mean),
@@ -303,13 +313,18 @@ class Run:
         true = np.concatenate([p[2] for p in parts])
         return (overall.loss if overall.count else math.nan), predicted, true
 
+    @property
+    def evaluated(self) -> str:
+        """The name of the split evaluated each epoch, as records and files call it."""
+        return self.plan.eval_split or "val"
+
     def evaluate(self) -> dict[str, Any]:
         started = time.perf_counter()
         loss, predicted, targets = self.predict(self.eval_batches)
         accuracy = float(np.mean(predicted == targets)) if len(targets) else math.nan
         return {
-            "val_loss": loss,
-            "val_accuracy": accuracy,
+            f"{self.evaluated}_loss": loss,
+            f"{self.evaluated}_accuracy": accuracy,
             "eval_time_s": time.perf_counter() - started,
         }
 
@@ -376,10 +391,10 @@ class Run:
             self.schedule.after_epoch()
             self.history.append(record)
             stop = self._early_stopping(record)
-            self._save_progress()
+            save_progress(self)
             for callback in self.callbacks:
                 callback(record)
-            progress.console.print(_epoch_line(record, c.epochs), highlight=False)
+            progress.console.print(_epoch_line(record, c.epochs, self.evaluated), highlight=False)
             if stop:
                 progress.console.print(
                     f"early stopping: no val-loss improvement for {c.early_stopping} epochs; "
@@ -390,7 +405,7 @@ class Run:
             self.model.load_state_dict(self.best_state)
 
     def _early_stopping(self, record: dict[str, Any]) -> bool:
-        loss = record["val_loss"]
+        loss = record[f"{self.evaluated}_loss"]
         if self.config.early_stopping is None:
             return False
         if loss < self.best["loss"]:
@@ -400,91 +415,14 @@ class Run:
         self.best["bad_epochs"] += 1
         return self.best["bad_epochs"] >= self.config.early_stopping
 
-    # -- files ---------------------------------------------------------------------------------
-    def _save_progress(self) -> None:
-        if self.out_dir is None or not self.dist.is_main:  # under DDP rank 0 writes
-            return
-        os.makedirs(self.out_dir, exist_ok=True)
-        write_history(os.path.join(self.out_dir, "history.csv"), self.history)
-        if self.best_state is not None:
-            ckpt.save_atomic(self.best_state, os.path.join(self.out_dir, "best.pt"))
-        state = {
-            "epoch": self.history[-1]["epoch"],
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "history": self.history,
-            "best": self.best,
-            "world_size": self.dist.world,
-        }
-        ckpt.save_atomic(state, os.path.join(self.out_dir, "checkpoint.pt"))
 
-    def restore(self, out_dir: str) -> int:
-        """Load the last checkpoint of `out_dir`; returns the epoch to continue from."""
-        state = ckpt.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
-        _check_world_size(out_dir, int(state.get("world_size", 1)), self.dist.world)
-        if self.config.schedule == "onecycle":
-            planned = state["schedule"].get("total_steps")
-            if planned != self.schedule.scheduler.total_steps:
-                raise LoadbenchError(
-                    "a one-cycle schedule is planned for the run's length and cannot be "
-                    "extended; resume with the original --epochs or start a new run"
-                )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.history = list(state["history"])
-        self.best = dict(state["best"])
-        best_file = os.path.join(out_dir, "best.pt")
-        if os.path.isfile(best_file):
-            self.best_state = torch.load(best_file, map_location=self.device, weights_only=True)
-        return int(state["epoch"]) + 1
-
-
-def _check_world_size(out_dir: str, saved: int, world: int) -> None:
-    """A run resumes with the world size it was trained with: each rank's shard, and so the
-    steps per epoch and the schedule, depend on it."""
-    if saved == world:
-        return
-    how = (
-        f"resume it under torchrun with {saved} processes (e.g. `torchrun --nproc-per-node "
-        f"{saved} -m loadbench train --resume {out_dir}`)"
-        if saved > 1
-        else f"resume it without torchrun (`loadbench train --resume {out_dir}`)"
-    )
-    raise LoadbenchError(
-        f"{out_dir} was trained with world size {saved} and this run has world size {world}; "
-        f"{how}, or start a new run"
-    )
-
-
-def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+def _epoch_line(r: dict[str, Any], epochs: int, evaluated: str) -> str:
     return (
-        f"epoch {r['epoch']}/{epochs}  {r['time_s']:.2f}s  lr {r['lr']:.3g}  "
+        f"epoch {r['epoch']}/{epochs}  {r['time_s']:.2f}s (+{r['eval_time_s']:.2f}s eval)  "
+        f"lr {r['lr']:.3g}  "
         f"train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.3f}  "
-        f"val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.3f}  "
+        f"{evaluated} loss {r[f'{evaluated}_loss']:.4f} acc {r[f'{evaluated}_accuracy']:.3f}  "
         f"data wait {r['data_wait_s']:.2f}s  {r['images_per_s']:,.0f} img/s"
         + (f"  ({len(r['ranks'])} ranks, slowest/median {r['straggler_ratio']:.2f}x)"
            if r.get("straggler_ratio") else "")
     )  # fmt: skip
-
-
-def write_history(path: str, history: list[dict[str, Any]]) -> None:
-    with atomic_file(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def _json_able(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_able(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_able(v) for v in value]
-    return value
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, default=float))

@@ -1,10 +1,14 @@
 """The learning-rate finder (document 003; fastai's `lr_find`): raise the lr exponentially batch
-after batch, record the loss, stop when it diverges, restore the weights, suggest an lr."""
+after batch, record the loss, stop when it diverges, restore the weights, suggest an lr.
+
+The suggestion is fastai's "valley": about halfway down the longest fall of the smoothed loss,
+which a noisy stretch of the curve cannot shift far, unlike the steepest point of it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,8 +22,9 @@ class LrFindResult:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggestion: float | None  # the lr where the smoothed loss falls fastest
-    min_loss_lr: float | None  # the lr of the lowest smoothed loss (fastai suggests a tenth)
+    suggestion: float | None  # the lr to train at (None: the loss fell nowhere)
+    min_loss_lr: float | None  # the lr of the lowest smoothed loss past the noisy start
+    rule: str | None = None  # what chose the suggestion: "valley" or "min/10" (see `choose_lr`)
 
 
 def lr_find(
@@ -69,27 +74,69 @@ def lr_find(
     finally:
         run.model.load_state_dict(model_state)
         run.optimizer.load_state_dict(optimizer_state)
-    suggestion, min_loss_lr = suggest(lrs, smoothed)
-    return LrFindResult(lrs, losses, smoothed, suggestion, min_loss_lr)
+    chosen = choose_lr(lrs, smoothed)
+    return LrFindResult(lrs, losses, smoothed, chosen.lr, chosen.min_loss_lr, chosen.rule)
+
+
+# A valley of fewer points has no inside: the valley's point would be the top of its fall.
+MIN_VALLEY = 6
+
+
+class Suggestion(NamedTuple):
+    lr: float | None  # None: the smoothed loss fell nowhere in the sweep
+    rule: str | None  # "valley" or "min/10"; None with no lr
+    min_loss_lr: float | None  # the lr of the lowest smoothed loss among the candidates
+
+
+def choose_lr(lrs: list[float], smoothed: list[float]) -> Suggestion:
+    """The lr to train at, from the smoothed loss of a sweep, and the rule that chose it.
+
+    Candidates are the points up to the first non-finite loss, less the first tenth (the
+    smoothed loss there averages a few noisy batches, and nothing is learnt yet) and the last
+    twentieth (the divergence that ended the sweep), as fastai trims them.
+
+    - "valley" (fastai's `valley`): the longest strictly falling sequence of candidate losses,
+      taken as the `L` points up to its lowest one; the lr about halfway down it (`L/3 + L/6`
+      points in, as fastai counts). Noise before the real fall adds only a few points to it.
+    - "min/10": when that valley has fewer than `MIN_VALLEY` points, a tenth of the lr of the
+      lowest candidate loss.
+    - None: the loss never falls below the first candidate's (and has no valley), or there are
+      fewer than 5 candidates.
+    """
+    values = np.asarray(smoothed, dtype=float)
+    finite = np.isfinite(values)
+    keep = len(values) if finite.all() else int(np.argmin(finite))
+    first, last = keep // 10, keep - max(1, keep // 20)
+    values, rates = values[first:last], np.asarray(lrs[first:last], dtype=float)
+    if len(values) < 5:
+        return Suggestion(None, None, None)
+    at_lowest = int(np.argmin(values))
+    lowest = float(rates[at_lowest])
+    length, end = _longest_fall(values)
+    if length >= MIN_VALLEY:
+        sections = length / 3
+        at = end - length + int(sections) + int(sections / 2)
+        return Suggestion(float(rates[at]), "valley", lowest)
+    if at_lowest > 0:
+        return Suggestion(lowest / 10, "min/10", lowest)
+    return Suggestion(None, None, lowest)
+
+
+def _longest_fall(values: np.ndarray) -> tuple[int, int]:
+    """(length, index of its last point) of the first longest strictly decreasing subsequence."""
+    lengths = np.ones(len(values), dtype=int)
+    for i in range(1, len(values)):
+        above = values[:i] > values[i]
+        if above.any():
+            lengths[i] = lengths[:i][above].max() + 1
+    end = int(np.argmax(lengths))
+    return int(lengths[end]), end
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None]:
-    """(steepest-descent lr, lowest-loss lr) of the smoothed curve.
-
-    The first tenth of the sweep (noise while nothing is learnt) and the last few points (the
-    divergence that ended it) are not candidates. No falling stretch: no suggestion.
-    """
-    values = np.asarray(smoothed, dtype=float)
-    keep = int(np.argmax(~np.isfinite(values))) if not np.isfinite(values).all() else len(values)
-    values, log_lr = values[:keep], np.log10(np.asarray(lrs[:keep], dtype=float))
-    if len(values) < 5:
-        return None, None
-    lowest = float(lrs[int(np.argmin(values))])
-    first, last = len(values) // 10, len(values) - max(1, len(values) // 20)
-    slope = np.gradient(values, log_lr)[first:last]
-    if len(slope) == 0 or slope.min() >= 0:
-        return None, lowest
-    return float(lrs[first + int(np.argmin(slope))]), lowest
+    """(suggested lr, lowest-loss lr) of the smoothed curve, as `choose_lr` chooses them."""
+    chosen = choose_lr(lrs, smoothed)
+    return chosen.lr, chosen.min_loss_lr
 
 
 def write_lr_find(result: LrFindResult, out: str) -> str:
@@ -118,7 +165,11 @@ def describe(result: LrFindResult) -> str:
             "no lr to suggest: the loss did not fall anywhere in the sweep; try a wider range "
             "or more --iterations"
         )
-    return (
-        f"suggested lr {result.suggestion:.3g} (steepest descent; lowest loss at "
-        f"{result.min_loss_lr:.3g}, a tenth of it is {result.min_loss_lr / 10:.3g})"
-    )
+    lowest = result.min_loss_lr
+    if result.rule == "min/10":
+        how = f"min/10: a tenth of the lowest-loss lr {lowest:.3g}; no valley long enough to use"
+    else:
+        how = f"lowest loss at {lowest:.3g}, a tenth of it is {lowest / 10:.3g}"
+        if result.rule == "valley":
+            how = f"valley: about halfway down the longest fall of the smoothed loss; {how}"
+    return f"suggested lr {result.suggestion:.3g} ({how})"

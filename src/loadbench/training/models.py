@@ -17,6 +17,7 @@ from typing import Any
 
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option, as_int, as_list, show
+from loadbench.training import blocks
 
 Builder = Callable[..., Any]  # (input_shape, classes, **options) -> torch.nn.Module
 ACTIVATION_NAMES = ("relu", "sigmoid", "selu")
@@ -32,6 +33,13 @@ class ModelSpec:
     builder: Builder = field(repr=False, compare=False)
     # True, or a function of the resolved options, when the model takes inputs of any H x W.
     any_size: bool | Callable[[dict[str, Any]], bool] = field(default=False, repr=False)
+    # (input_shape, classes, **options) -> the number of parameters, without building it.
+    parameters: Callable[..., int] | None = field(default=None, repr=False, compare=False)
+    # (input_shape, options) -> the options that build the same network again without what
+    # only training needs (pretrained weights, freezing): what a model file records.
+    architecture: Callable[..., dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -79,11 +87,16 @@ def register_model(
     summary: str,
     options: dict[str, Option] | None = None,
     any_size: bool | Callable[[dict[str, Any]], bool] = False,
+    parameters: Callable[..., int] | None = None,
+    architecture: Callable[..., dict[str, Any]] | None = None,
 ) -> Callable[[Builder], Builder]:
-    """Register `builder(input_shape, classes, **options) -> nn.Module` under `name`."""
+    """Register `builder(input_shape, classes, **options) -> nn.Module` under `name`;
+    `parameters(input_shape, classes, **options)` counts its parameters without building it;
+    `architecture(input_shape, options)` gives the options that rebuild it for a model file."""
 
     def decorate(builder: Builder) -> Builder:
-        _MODELS[name] = ModelSpec(name, summary, dict(options or {}), builder, any_size)
+        _MODELS[name] = ModelSpec(name, summary, dict(options or {}), builder, any_size,
+                                  parameters, architecture)  # fmt: skip
         return builder
 
     return decorate
@@ -165,6 +178,16 @@ def create_model(name: str, input_shape: tuple[int, int, int], classes: int, **o
     return spec.builder(shape, classes, **resolve_model_options(name, options))
 
 
+def architecture_options(name: str, input_shape: tuple[int, int, int],
+                         options: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The options, as given, that build model `name`'s network again for a model file (the
+    weights are then the file's own): e.g. a ResNet's stem as chosen with pretrained weights,
+    without the weights file or the freezing."""
+    spec = _spec(name)
+    given = dict(options)
+    return spec.architecture(input_shape, given) if spec.architecture is not None else given
+
+
 def accepts_any_size(name: str, options: Mapping[str, Any] | None = None) -> bool:
     """Whether model `name` with `options` takes inputs of any height and width."""
     spec = _spec(name)
@@ -185,26 +208,36 @@ def options_text(options: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={show(value)}" for key, value in options.items())
 
 
+def parameters(name: str, input_shape: tuple[int, int, int], classes: int,
+               **options: Any) -> int:  # fmt: skip
+    """The number of parameters of model `name` with `options`, counted without torch."""
+    spec = _spec(name)
+    shape, classes = _check_shape(input_shape, classes)
+    return spec.parameters(shape, classes, **resolve_model_options(name, options))
+
+
 def models_table(
-    input_shape: tuple[int, int, int], classes: int
+    input_shape: tuple[int, int, int], classes: int, **options: Any
 ) -> list[tuple[str, str, int, str]]:
-    """(name, summary, parameters with default options, option defaults) for every model.
-
-    The parameter count is 0 for a model that cannot take `input_shape` (cnn-tiny below 8x8).
-    """
-    import torch
-
+    """(name, summary, parameters, options) for every model: with `options` where the model
+    takes them, its defaults otherwise. The count is 0 for a model that cannot take
+    `input_shape` (cnn-tiny below 8x8). No network is built: `loadbench models` is instant."""
     rows = []
     for spec in list_models():
-        # On the meta device parameters have shapes but no memory: an mlp on 512x512 images
-        # would otherwise allocate gigabytes just to be counted.
+        own = {k: v for k, v in options.items() if k in spec.options}
         try:
-            with torch.device("meta"):
-                total = count_parameters(create_model(spec.name, input_shape, classes))[0]
+            total = parameters(spec.name, input_shape, classes, **own)
         except LoadbenchError:
+            if own:  # the options asked for are wrong for this model: say so
+                raise
             total = 0
-        rows.append((spec.name, spec.summary, total, options_text(model_defaults(spec.name))))
+        rows.append((spec.name, spec.summary, total, options_text(resolve_options(spec, own))))
     return rows
+
+
+def resolve_options(spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """The model's options as `models_table` shows them (as given on the command line)."""
+    return {**model_defaults(spec.name), **options}
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -216,6 +249,7 @@ DROPOUT_HELP = "one dropout rate, or one per {unit}: 0.1,0.2,0.3,0.4"
     "cnn-tiny",
     summary="doc 004's minimal net: 2 sigmoid convs, 8x8 max-pool, linear; inputs in [0, 1]",
     options={"filters": Option(5, "filters per conv", kind=int, minimum=1)},
+    parameters=blocks.cnn_tiny_parameters,
 )
 def cnn_tiny(input_shape: tuple[int, int, int], classes: int, **options: Any):
     from loadbench.training import nets
@@ -235,11 +269,13 @@ def cnn_tiny(input_shape: tuple[int, int, int], classes: int, **options: Any):
         "head": Option("gap", "head (gap: any image size)", choices=("gap", "flatten")),
     },
     any_size=lambda options: options["head"] == "gap",
+    parameters=blocks.cnn_blocks_parameters,
 )
-def cnn_blocks(input_shape: tuple[int, int, int], classes: int, **options: Any):
+def cnn_blocks(input_shape: tuple[int, int, int], classes: int, dropout, **options: Any):
     from loadbench.training import nets
 
-    return nets.cnn_blocks(input_shape, classes, **options)
+    rates = blocks.cnn_blocks_rates(options["widths"], dropout)
+    return nets.cnn_blocks(input_shape, classes, rates=rates, **options)
 
 
 @register_model(
@@ -251,29 +287,87 @@ def cnn_blocks(input_shape: tuple[int, int, int], classes: int, **options: Any):
         ),
         "dropout": Option(0.0, DROPOUT_HELP.format(unit="hidden layer"), parse=_rates),
     },
+    parameters=blocks.mlp_parameters,
 )
-def mlp(input_shape: tuple[int, int, int], classes: int, **options: Any):
+def mlp(input_shape: tuple[int, int, int], classes: int, hidden, dropout):
     from loadbench.training import nets
 
-    return nets.mlp(input_shape, classes, **options)
+    return nets.mlp(input_shape, classes, hidden, blocks.mlp_rates(hidden, dropout))
 
+
+# A stem is the ResNet's first layer. The ImageNet stem (7x7 conv at stride 2, then a stride-2
+# max-pool) leaves a quarter of each side: below this size it throws away most of the image.
+SMALL_IMAGE_BELOW = 96
+# What `auto` gives images under SMALL_IMAGE_BELOW with pretrained weights: the winner of
+# benchmarks/transfer_stem.py (96 px pretraining, frozen backbone, head trained at 32 px):
+# upsample 0.39 test accuracy in both runs, stride1 0.28 and 0.31, and upsample is cheaper
+# (layer1 sees 24x24, not 32x32).
+PRETRAINED_SMALL_STEM = "upsample"
+RESNET_STEMS = ("auto", "imagenet", "small", "stride1", "upsample")
+# Stems whose conv1 is torchvision's 7x7: pretrained weights load into them whole.
+PRETRAINED_STEMS = ("imagenet", "stride1", "upsample")
 
 RESNET_OPTIONS = {
     "weights": Option(None, "a local state-dict file of pretrained weights", parse=_optional_path),
-    "freeze_backbone": Option(False, "train only the new head", kind=bool),
+    "freeze_backbone": Option(False, "train only the new head (needs weights)", kind=bool),
     "stem": Option(
-        "auto", "first layer (auto: small under 96 px)", choices=("auto", "imagenet", "small")
+        "auto",
+        "first layer: imagenet (7x7 stride 2 + max-pool), small (a new 3x3, stride 1), stride1"
+        f" (the 7x7 at stride 1, no max-pool), upsample (images resized to {SMALL_IMAGE_BELOW}"
+        f" px, then imagenet); auto: imagenet from {SMALL_IMAGE_BELOW} px, below it small, or"
+        f" {PRETRAINED_SMALL_STEM} with weights",
+        choices=RESNET_STEMS,
     ),
 }
+
+
+def resnet_stem(
+    input_shape: tuple[int, int, int], weights: str | None, freeze_backbone: bool, stem: str
+) -> str:
+    """The stem a ResNet with these options gets (`auto` resolved). LoadbenchError for options
+    that would leave a freshly initialised layer where pretrained or frozen ones are asked for."""
+    if freeze_backbone and weights is None:
+        raise LoadbenchError(
+            "--freeze-backbone without --weights would freeze a randomly initialised backbone"
+            " that never learns: give --weights FILE (a pretrained state dict), or do not freeze"
+        )
+    if stem == "auto":
+        if min(input_shape[1:]) >= SMALL_IMAGE_BELOW:
+            return "imagenet"
+        return "small" if weights is None else PRETRAINED_SMALL_STEM
+    if stem == "small" and weights is not None:
+        raise LoadbenchError(
+            f"--stem small starts with a new 3x3 conv1 and cannot use the 7x7 conv1 of weights"
+            f" file {weights}: with weights use --stem {', '.join(PRETRAINED_STEMS)} or auto"
+        )
+    return stem
 
 
 def _resnet(arch: str) -> Builder:
     def build(input_shape: tuple[int, int, int], classes: int, **options: Any):
         from loadbench.training.pretrained import build_resnet
 
-        return build_resnet(arch, input_shape, classes, **options)
+        stem = resnet_stem(input_shape, **options)
+        return build_resnet(
+            arch, input_shape, classes, options["weights"], options["freeze_backbone"], stem,
+            upsample_to=SMALL_IMAGE_BELOW,
+        )  # fmt: skip
 
     return build
+
+
+def _resnet_parameters(arch: str) -> Callable[..., int]:
+    def count(input_shape: tuple[int, int, int], classes: int, **options: Any) -> int:
+        kernel = 3 if resnet_stem(input_shape, **options) == "small" else 7
+        return blocks.resnet_parameters(arch, input_shape, classes, kernel)
+
+    return count
+
+
+def _resnet_architecture(input_shape: tuple[int, int, int], options: dict[str, Any]):
+    resolved = resolve_model_options("resnet18", options)  # every ResNet takes these options
+    stem = resnet_stem(input_shape, resolved["weights"], False, resolved["stem"])
+    return {**options, "stem": stem, "weights": None, "freeze_backbone": False}
 
 
 for _arch, _layers in (("resnet18", 18), ("resnet50", 50)):
@@ -283,4 +377,6 @@ for _arch, _layers in (("resnet18", 18), ("resnet50", 50)):
         "backbone optional",
         options=RESNET_OPTIONS,
         any_size=True,
+        parameters=_resnet_parameters(_arch),
+        architecture=_resnet_architecture,
     )(_resnet(_arch))

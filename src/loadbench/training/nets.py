@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from loadbench.errors import LoadbenchError
+from loadbench.training.blocks import check_tiny, pooled_size
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "selu": nn.SELU}
 
@@ -74,24 +75,12 @@ def conv_block(
     return nn.Sequential(*layers)
 
 
-def pooled_size(height: int, width: int, pool: int, blocks: int) -> tuple[int, int]:
-    """The spatial size after `blocks` MaxPoolIfLarger(pool) layers."""
-    for _ in range(blocks):
-        if pool > 1 and height >= pool and width >= pool:
-            height, width = height // pool, width // pool
-    return height, width
-
-
 # --- networks ---------------------------------------------------------------------------------
 
 
 def cnn_tiny(input_shape: tuple[int, int, int], classes: int, filters: int) -> nn.Module:
     c, h, w = input_shape
-    if h < 8 or w < 8:
-        raise LoadbenchError(
-            f"model cnn-tiny needs images of at least 8x8 (it max-pools by 8); got {h}x{w}:"
-            f" use cnn-blocks or mlp for smaller images"
-        )
+    check_tiny(h, w)
     return nn.Sequential(
         ExpectInput("cnn-tiny", input_shape, "resize the images or use cnn-blocks --head gap"),
         nn.Conv2d(c, filters, 3, padding="same"),
@@ -110,14 +99,12 @@ def cnn_blocks(
     widths: tuple[int, ...],
     activation: str,
     batch_norm: bool,
-    dropout: float | tuple[float, ...],
+    rates: tuple[float, ...],
     pool: int,
     head: str,
 ) -> nn.Module:
-    rates = _per_layer(
-        dropout, len(widths), f"cnn-blocks has {len(widths)} blocks (widths="
-        f"{','.join(map(str, widths))})", "block",
-    )  # fmt: skip
+    """Document 004's network: one conv-conv-pool block per width (`rates`: dropout after each
+    block), then a global-average-pooling or flattening head."""
     c, h, w = input_shape
     layers: list[nn.Module] = []
     if head == "flatten":
@@ -132,25 +119,13 @@ def cnn_blocks(
     return nn.Sequential(*layers)
 
 
-def _per_layer(
-    dropout: float | tuple[float, ...], layers: int, what: str, unit: str
-) -> tuple[float, ...]:
-    """One dropout rate for every layer, or one per layer (any other count is an error)."""
-    rates = (dropout,) * layers if isinstance(dropout, float) else tuple(dropout)
-    if len(rates) != layers:
-        raise LoadbenchError(
-            f"model {what} but {len(rates)} dropout rates: give one rate, or one per {unit}"
-        )
-    return rates
-
-
 def mlp(
     input_shape: tuple[int, int, int],
     classes: int,
     hidden: tuple[int, ...],
-    dropout: float | tuple[float, ...],
+    rates: tuple[float, ...],
 ) -> nn.Module:
-    rates = _per_layer(dropout, len(hidden), f"mlp has {len(hidden)} hidden layers", "hidden layer")
+    """Flattened pixels through ReLU hidden layers (`rates`: dropout after each)."""
     c, h, w = input_shape
     layers: list[nn.Module] = [
         ExpectInput("mlp", input_shape, "resize the images or use cnn-blocks --head gap"),

@@ -7,13 +7,16 @@ Schedules differ in when they step: step/multistep once per epoch, the others on
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option, as_list
 
+# Learning rates default to Keras's, the framework of documents 002-004 (PyTorch's differ for
+# sgd, 0.001, and rmsprop, 0.01); momentum and weight decay default to what both frameworks use.
 DEFAULT_LR = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001, "adamw": 0.001}
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "rmsprop": 0.0, "adam": 0.0, "adamw": 0.01}
+WITH_MOMENTUM = ("sgd", "rmsprop")
 SCHEDULES = ("none", "step", "multistep", "cyclic", "cosine-restarts", "onecycle")
 
 
@@ -26,10 +29,21 @@ def _epochs(value: Any) -> list[int]:
 
 OPTIMIZER_OPTIONS = {
     "optimizer": Option("adam", "optimizer", choices=tuple(DEFAULT_LR)),
-    "lr": Option(None, "learning rate", kind=float, above=0, shown="sgd 0.01, others 0.001"),
-    "momentum": Option(0.9, "sgd/rmsprop momentum", kind=float, minimum=0, below=1),
-    "nesterov": Option(False, "sgd: Nesterov momentum", kind=bool),
-    "weight_decay": Option(0.0, "L2 weight decay", kind=float, minimum=0, shown="0; adamw 0.01"),
+    "lr": Option(
+        None, "learning rate", kind=float, above=0, shown="sgd 0.01, others 0.001, as Keras"
+    ),
+    "momentum": Option(
+        None,
+        "sgd/rmsprop momentum",
+        kind=float,
+        minimum=0,
+        below=1,
+        shown="0, as PyTorch and Keras",
+    ),
+    "nesterov": Option(False, "sgd with momentum: Nesterov momentum", kind=bool),
+    "weight_decay": Option(
+        None, "L2 weight decay", kind=float, minimum=0, shown="0; adamw 0.01, as PyTorch"
+    ),
 }
 SCHEDULE_OPTIONS = {
     "schedule": Option("none", "learning-rate schedule", choices=SCHEDULES),
@@ -49,37 +63,46 @@ SCHEDULE_OPTIONS = {
 }
 
 
-def _optimizers() -> dict[str, Callable]:
-    import torch
-
-    return {
-        "sgd": lambda params, c, lr: torch.optim.SGD(
-            params, lr=lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
-            weight_decay=c.weight_decay,
-        ),
-        "rmsprop": lambda params, c, lr: torch.optim.RMSprop(
-            params, lr=lr, momentum=c.momentum if c.momentum else 0.0,
-            weight_decay=c.weight_decay,
-        ),
-        "adam": lambda params, c, lr: torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay),
-        "adamw": lambda params, c, lr: torch.optim.AdamW(
-            params, lr=lr, weight_decay=c.weight_decay or 0.01
-        ),
-    }  # fmt: skip
+# torch.optim's class of each optimizer.
+OPTIMIZER_CLASSES = {"sgd": "SGD", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW"}
 
 
 def base_lr(config) -> float:
     return config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
 
 
+def optimizer_settings(config) -> dict[str, Any]:
+    """The optimizer's settings with every default resolved: lr, weight decay, and for sgd and
+    rmsprop momentum (sgd: and nesterov). Combinations the optimizer cannot run are errors."""
+    name = config.optimizer
+    if config.momentum is not None and name not in WITH_MOMENTUM:
+        raise LoadbenchError(
+            f"--momentum is for sgd and rmsprop; {name} has no momentum (its betas are fixed)"
+        )
+    momentum = config.momentum or 0.0
+    if config.nesterov and (name != "sgd" or momentum <= 0):
+        raise LoadbenchError(
+            f"--nesterov needs sgd with a momentum above 0 (got {name}, momentum {momentum}); "
+            "e.g. --optimizer sgd --momentum 0.9 --nesterov"
+        )
+    decay = DEFAULT_WEIGHT_DECAY[name] if config.weight_decay is None else config.weight_decay
+    settings: dict[str, Any] = {"lr": base_lr(config), "weight_decay": decay}
+    if name in WITH_MOMENTUM:
+        settings["momentum"] = momentum
+    if name == "sgd":
+        settings["nesterov"] = bool(config.nesterov)
+    return settings
+
+
 def make_optimizer(model, config):
     """The optimizer `config` names, over the model's trainable parameters."""
-    if config.nesterov and config.optimizer != "sgd":
-        raise LoadbenchError(f"--nesterov is for sgd, not {config.optimizer}")
+    settings = optimizer_settings(config)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LoadbenchError("the model has no trainable parameters (is everything frozen?)")
-    return _optimizers()[config.optimizer](params, config, base_lr(config))
+    import torch
+
+    return getattr(torch.optim, OPTIMIZER_CLASSES[config.optimizer])(params, **settings)
 
 
 class Schedule:

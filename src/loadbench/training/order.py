@@ -113,12 +113,20 @@ class EpochOrder:
             indices, copies = indices[order], copies[order]
         return indices, copies
 
-    def quality(self) -> dict[str, float | None]:
-        """`order_quality` of the current epoch's order."""
+    def _drawn(self) -> tuple[np.ndarray, np.ndarray]:
+        """(store indices, their labels) of the current epoch's order."""
         indices, _ = self.draw()
         lookup = np.zeros(int(self.indices.max()) + 1 if len(self.indices) else 1, np.int64)
         lookup[self.indices] = self.labels
-        return order_quality(indices, lookup[indices])
+        return indices, lookup[indices]
+
+    def class_counts(self, classes: int) -> np.ndarray:
+        """Images of each class in the current epoch's order (after balancing)."""
+        return np.bincount(self._drawn()[1], minlength=classes)
+
+    def quality(self) -> dict[str, float | None]:
+        """`order_quality` of the current epoch's order."""
+        return order_quality(*self._drawn())
 
     def __len__(self) -> int:
         if self.balance == "oversample":

@@ -102,6 +102,7 @@ def _curves_figure(
     history: Sequence[Mapping[str, Any]] | pd.DataFrame,
     smooth: float = 0.0,
     title: str | None = None,
+    evaluated: str = "val",
 ) -> Figure:
     """The figure of `plot_curves`: axes[0] loss, axes[1] accuracy."""
     from matplotlib.figure import Figure
@@ -120,7 +121,7 @@ def _curves_figure(
     ax_loss, ax_acc = fig.subplots(1, 2)
     loss_max = 0.0
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
+        for split, color in (("train", TRAIN_COLOR), (evaluated, VAL_COLOR)):
             values = _column(rows, f"{split}_{metric}")[order]
             _plot_series(ax, epochs, values, color, split, smooth)
             if metric == "loss" and np.isfinite(values).any():
@@ -146,20 +147,23 @@ def plot_curves(
     path: str | os.PathLike,
     smooth: float = 0.0,
     title: str | None = None,
+    evaluated: str = "val",
 ) -> Path:
-    """Loss and accuracy per epoch, train vs validation, on fixed axes; writes a PNG.
+    """Loss and accuracy per epoch, train vs the evaluated split, on fixed axes; writes a PNG.
 
     Args:
-        history: rows with `epoch`, `train_loss`, `train_accuracy`, and optionally `val_loss`,
-            `val_accuracy` (missing, None or NaN where there was no validation pass).
+        history: rows with `epoch`, `train_loss`, `train_accuracy`, and optionally
+            `<evaluated>_loss`, `<evaluated>_accuracy` (missing, None or NaN where there was no
+            evaluation).
         path: where to write the PNG.
         smooth: EMA factor in [0, 1); above 0 the raw values are drawn faintly underneath.
         title: figure title.
+        evaluated: the split evaluated each epoch (val, or test), as the legend names it.
 
     Returns:
         The path written.
     """
-    return save_png(_curves_figure(history, smooth, title), path)
+    return save_png(_curves_figure(history, smooth, title, evaluated), path)
 
 
 def _confusion_figure(

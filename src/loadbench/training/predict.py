@@ -21,22 +21,20 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, probability), most likely first
 
 
-def predict_files(
-    model_path: str, images: list[str], top: int = 3, device: str = "cpu"
-) -> list[Prediction]:
-    """Class probabilities for each image file.
+RESIZE = ("auto", "train", "none")
 
-    A model that accepts any size (global-average-pooling head) sees each image at its own
-    size, non-square included; any other model sees it resized and centre-cropped to the
-    training size, as `folder:` sources are.
-    """
+
+def predict_files(
+    model_path: str, images: list[str], top: int = 3, device: str = "cpu", resize: str = "auto"
+) -> list[Prediction]:
+    """Class probabilities for each image file, at the size `resize` says (`size_for`)."""
     model, meta = load_model(model_path, device)
-    channels, height, width = meta["input_shape"]
+    channels = meta["input_shape"][0]
     any_size = accepts_any_size(meta["model"], meta["model_options"])
     classes = meta["classes"]
     results = []
     for path in images:
-        size = _own_size(path) if any_size else (height, width)
+        size = size_for(_own_size(path), tuple(meta["input_shape"][1:]), any_size, resize)
         pixels = read_image(path, size, channels)  # LoadbenchError names a broken file
         batch = to_tensor(pixels[None]).to(device)
         with torch.no_grad():
@@ -46,6 +44,33 @@ def predict_files(
             Prediction(path, size, [(classes[i], float(probabilities[i])) for i in order])
         )
     return results
+
+
+def size_for(own: tuple[int, int], trained: tuple[int, int], any_size: bool,
+             resize: str) -> tuple[int, int]:  # fmt: skip
+    """The (height, width) an image of size `own` is shown to a model trained at `trained`.
+
+    - `train`: resized (shorter side) and centre-cropped to the training size, as `folder:`
+      sources are;
+    - `none`: its own size (models with a global-average-pooling head only), e.g. document
+      004's non-square 28x32 image;
+    - `auto`: for a model that takes any size, scaled to the training scale: the shorter side
+      becomes the training size's, the aspect ratio is kept (a 112x112 photo for a 28x28 model
+      is seen at 28x28, a 28x32 scan for a 32x32 model at 32x37); for other models, `train`.
+    """
+    if resize not in RESIZE:
+        raise LoadbenchError(f"--resize {resize!r}: choose {', '.join(RESIZE)}")
+    if resize == "train" or (resize == "auto" and not any_size):
+        return trained
+    if resize == "none":
+        if not any_size:
+            raise LoadbenchError(
+                f"this model takes {trained[0]}x{trained[1]} images only (it has no global "
+                "average pooling head): use --resize train or auto"
+            )
+        return own
+    scale = min(trained) / min(own)
+    return max(1, round(own[0] * scale)), max(1, round(own[1] * scale))
 
 
 def _own_size(path: str) -> tuple[int, int]:

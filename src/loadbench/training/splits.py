@@ -10,7 +10,7 @@ import numpy as np
 
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
-from loadbench.sources.base import stratified_sample
+from loadbench.sources.selection import stratified_sample
 
 if TYPE_CHECKING:  # annotations only: a store is passed in, never opened here
     from loadbench.store import Store
@@ -43,41 +43,63 @@ class SplitPlan:
     eval_indices: np.ndarray
     test_split: str | None  # a separate test split reported at the end, if any
     note: str
+    carved_ratio: float | None = None  # the share of train carved as val, when it was
 
 
-def plan_splits(
-    store: Store, eval_split: str | None = None, val_ratio: float | None = None, seed: int = 0
-) -> SplitPlan:
-    """Train on `train`; evaluate on `val`, else `test`, else a stratified slice of train."""
+def plan_splits(store: Store, eval_split: str | None = None, val_ratio: float | None = None,
+                seed: int = 0, selects: bool = False) -> SplitPlan:  # fmt: skip
+    """Train on `train`; evaluate on `val`, else `test`, else a stratified slice of train.
+
+    `selects`: the evaluation chooses something (early stopping's best epoch), so it must not
+    be the test split: without a val split, a val split is carved from train and the test
+    split is only reported at the end.
+    """
     if "train" not in store.splits:
         raise LoadbenchError(f"{store.path} has no train split (it has {', '.join(store.splits)})")
-    train_labels = labels_of(store, "train")
-    all_train = np.arange(len(train_labels))
+    all_train = np.arange(len(labels_of(store, "train")))
     test = "test" if "test" in store.splits else None
     if eval_split is not None:
-        store._check_split(eval_split)
-        if eval_split == "train":
-            raise LoadbenchError("eval_split cannot be train; use val, test, or --val-ratio")
-        n = store.counts[eval_split]
-        note = f"evaluating on the {eval_split} split ({n} images)"
-        other_test = test if test != eval_split else None
-        return SplitPlan("train", all_train, eval_split, eval_split, np.arange(n), other_test, note)
+        return _chosen(store, eval_split, all_train, test, selects)
     if val_ratio is None and "val" in store.splits:
         n = store.counts["val"]
         note = f"evaluating on the val split ({n} images)"
         return SplitPlan("train", all_train, "val", "val", np.arange(n), test, note)
-    if val_ratio is None and test is not None:
+    if val_ratio is None and test is not None and not selects:
         n = store.counts["test"]
         note = f"no val split: evaluating on the test split ({n} images)"
         return SplitPlan("train", all_train, "test", "test", np.arange(n), None, note)
-    ratio = val_ratio or DEFAULT_VAL_RATIO
-    val = stratified_sample(train_labels, ratio, seed)
-    train = np.setdiff1d(all_train, val)
+    return _carved(store, val_ratio or DEFAULT_VAL_RATIO, seed, test, selects)
+
+
+def _chosen(store: Store, eval_split: str, all_train: np.ndarray, test: str | None,
+            selects: bool) -> SplitPlan:  # fmt: skip
+    store._check_split(eval_split)
+    if eval_split == "train":
+        raise LoadbenchError("eval_split cannot be train; use val, test, or --val-ratio")
+    if selects and eval_split == test:
+        raise LoadbenchError(
+            f"--early-stopping chooses the best epoch on the evaluated split, and --eval-split "
+            f"{eval_split} would choose it on test data: leave --eval-split out (a val split is "
+            "carved from train when the store has none) or give --val-ratio"
+        )
+    n = store.counts[eval_split]
+    note = f"evaluating on the {eval_split} split ({n} images)"
+    other_test = test if test != eval_split else None
+    return SplitPlan("train", all_train, eval_split, eval_split, np.arange(n), other_test, note)
+
+
+def _carved(store: Store, ratio: float, seed: int, test: str | None, selects: bool) -> SplitPlan:
+    """A stratified `ratio` of train evaluates; the rest trains."""
+    labels = labels_of(store, "train")
+    val = stratified_sample(labels, ratio, seed)
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    why = " for early stopping (it must not choose on the test split)" if selects else ""
     note = (
-        f"carved a stratified {ratio:.0%} val split from train ({len(val)} of "
-        f"{len(all_train)} images, seed {seed})"
-    )
-    return SplitPlan("train", train, "val", "train", val, test, note)
+        f"carved a stratified {ratio:.0%} val split from train{why} ({len(val)} of "
+        f"{len(labels)} images, seed {seed})" + ("; the test split is reported at the end"
+                                                 if test else "")
+    )  # fmt: skip
+    return SplitPlan("train", train, "val", "train", val, test, note, carved_ratio=ratio)
 
 
 def labels_of(store: Store, split: str) -> np.ndarray:

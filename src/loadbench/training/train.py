@@ -7,6 +7,7 @@ and `checkpoint.pt` (+ `best.pt` with early stopping) to resume from.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
@@ -17,17 +18,19 @@ import numpy as np
 
 from loadbench import progress
 from loadbench.errors import LoadbenchError
-from loadbench.store import Store, open_data
+from loadbench.store import Store
 from loadbench.training import checkpoint as ckpt
 from loadbench.training.batches import make_batches
 from loadbench.training.config import TrainConfig, load_config
 from loadbench.training.distributed import is_main_process, model_digest
-from loadbench.training.loop import Run, RunResult, write_json
+from loadbench.training.loop import Run, RunResult, open_run_data
 from loadbench.training.metrics import classification_report
 from loadbench.training.models import count_parameters
 from loadbench.training.order import EpochOrder
 from loadbench.training.plots import plot_confusion, plot_curves
+from loadbench.training.runfiles import write_json
 from loadbench.training.splits import SplitPlan, labels_of
+from loadbench.util import write_text_atomic
 
 
 def default_out_dir(config: TrainConfig) -> str:
@@ -50,7 +53,7 @@ def train(
         raise LoadbenchError(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
-    store = store if store is not None else open_data(config.data, cache_dir=config.cache_dir)
+    store = store if store is not None else open_run_data(config)
     with Run(config, store, plan=plan, out_dir=out, callbacks=callbacks) as run:
         return _train(run, config, out, resume)
 
@@ -68,10 +71,14 @@ def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
             f"from ln({len(run.classes)}) = {sanity['expected_ln_classes']:.3f}; check the labels, "
             "the normalisation and the last layer"
         )
+    balanced = _balance_line(run)
+    if balanced:
+        progress.console.print(f"[dim]{balanced}[/dim]")
     if dist.is_main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config.model_copy(update={"out": out}).to_yaml())
+        text = resolved_config(run).model_copy(update={"out": out}).to_yaml()
+        write_text_atomic(os.path.join(out, "config.yaml"), text)
+    started = time.perf_counter()
     run.maybe_compile()
     try:
         run.fit(start)
@@ -82,59 +89,125 @@ def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
             f"`loadbench train --resume {out}`"
         )
         raise
-    metrics = finish(run, sanity)
+    metrics = finish(run, sanity, started)
     return RunResult(out, run.history, metrics, run.model)
 
 
-def finish(run: Run, sanity: dict[str, Any]) -> dict[str, Any]:
-    """Final evaluation (per-class metrics, confusion) and every output file."""
-    out = run.out_dir
+def finish(run: Run, sanity: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """Final evaluation of every held-out split (per-class metrics, confusion) and every
+    output file; `started`: when the run began (for its wall time)."""
     plan = run.plan
-    loss, predicted, targets = run.predict(run.eval_batches)
-    evaluated = {"loss": loss, **classification_report(targets, predicted, run.classes)}
-    times = [r["time_s"] for r in run.history]
+    evaluations = _evaluations(run)
     total, trainable = count_parameters(run.model.net)
     metrics: dict[str, Any] = {
         "eval_split": plan.eval_split,
         "eval_note": plan.note,
-        plan.eval_split: evaluated,
+        "val_carved_ratio": plan.carved_ratio,
+        **{split: report for split, (report, _) in evaluations.items()},
         "epochs_run": len(run.history),
         "best_epoch": run.best["epoch"] if run.config.early_stopping else None,
+        **_timings(run.history, started),
+        "compile_time_s": run.compile_time_s,
+        "parameters": {"total": total, "trainable": trainable},
+        "images": {
+            "train": len(plan.train_indices),
+            **{split: n for split, (_, n) in evaluations.items()},
+        },  # fmt: skip
+        "epoch_class_counts": _epoch_class_counts(run),
+        "sanity": sanity,
+        "device": str(run.device),
+    }
+    if run.dist.active:
+        metrics["distributed"] = _replicas(run)
+    if run.dist.is_main:  # every rank holds the same metrics; rank 0 writes them
+        _write_outputs(run, metrics, [split for split in evaluations])
+    run.dist.barrier()  # no rank returns before the files are there
+    return metrics
+
+
+def _evaluations(run: Run) -> dict[str, tuple[dict[str, Any], int]]:
+    """{split: (loss and classification report, images)}: the split evaluated each epoch, and
+    the test split when it was held out apart."""
+    plan = run.plan
+    loss, predicted, targets = run.predict(run.eval_batches)
+    out = {plan.eval_split: (_report(run, loss, predicted, targets), len(plan.eval_indices))}
+    if plan.test_split and plan.test_split != plan.eval_source:
+        test_loss, test_pred, test_true = run.predict(_plain_batches(run, plan.test_split))
+        out["test"] = (_report(run, test_loss, test_pred, test_true), len(test_true))
+    return out
+
+
+def _report(run: Run, loss: float, predicted, targets) -> dict[str, Any]:
+    return {"loss": loss, **classification_report(targets, predicted, run.classes)}
+
+
+def _timings(history: list[dict[str, Any]], started: float | None) -> dict[str, Any]:
+    """Epoch times (training, and evaluation beside it) and the run's wall time."""
+    times = [r["time_s"] for r in history]
+    evals = [r["eval_time_s"] for r in history if r.get("eval_time_s") is not None]
+    return {
         "epoch_time_s": {
             "first": times[0] if times else None,
             "mean": statistics.fmean(times) if times else None,
             "mean_after_first": statistics.fmean(times[1:]) if len(times) > 1 else None,
         },
+        "eval_time_s": {"mean": statistics.fmean(evals) if evals else None},
         "total_train_time_s": sum(times),
-        "compile_time_s": run.compile_time_s,
-        "parameters": {"total": total, "trainable": trainable},
-        "images": {"train": len(plan.train_indices), plan.eval_split: len(plan.eval_indices)},
-        "sanity": sanity,
-        "device": str(run.device),
+        "wall_time_s": time.perf_counter() - started if started is not None else None,
     }
-    if plan.test_split and plan.test_split != plan.eval_source:
-        test_loss, test_pred, test_true = run.predict(_plain_batches(run, plan.test_split))
-        metrics["test"] = {
-            "loss": test_loss,
-            **classification_report(test_true, test_pred, run.classes),
-        }
-        metrics["images"]["test"] = len(test_true)
-    if run.dist.active:
-        metrics["distributed"] = _replicas(run)
-    if not run.dist.is_main:  # every rank holds the same metrics; rank 0 writes them
-        run.dist.barrier()
-        return metrics
+
+
+def _write_outputs(run: Run, metrics: dict[str, Any], splits: list[str]) -> None:
+    """model.pt, metrics.json, curves.png and a confusion matrix plot per evaluated split
+    (`confusion.png` for the split evaluated each epoch, `confusion-test.png` beside it)."""
+    out, plan = run.out_dir, run.plan
     ckpt.save_model(os.path.join(out, "model.pt"), run.model, run.meta())
     write_json(os.path.join(out, "metrics.json"), metrics)
-    held_out = "" if plan.eval_split == "val" else f" (val = the {plan.eval_split} split)"
     plot_curves(run.history, os.path.join(out, "curves.png"), smooth=run.config.smooth,
-                title=f"{run.config.model} on {run.store.path}{held_out}")  # fmt: skip
-    plot_confusion(
-        evaluated["confusion_matrix"], run.classes, os.path.join(out, "confusion.png"),
-        title=f"{plan.eval_split}: accuracy {evaluated['accuracy']:.3f}",
-    )  # fmt: skip
-    run.dist.barrier()  # no rank returns before the files are there
-    return metrics
+                title=f"{run.config.model} on {run.store.path}",
+                evaluated=run.evaluated)  # fmt: skip
+    for split in splits:
+        name = "confusion.png" if split == plan.eval_split else f"confusion-{split}.png"
+        report = metrics[split]
+        plot_confusion(report["confusion_matrix"], run.classes, os.path.join(out, name),
+                       title=f"{split}: accuracy {report['accuracy']:.3f}")  # fmt: skip
+
+
+def _epoch_class_counts(run: Run) -> dict[str, int]:
+    """Images of each class in an epoch (the first), after `--balance`."""
+    first = copy.copy(run.train_order)
+    first.set_epoch(1)
+    counts = first.class_counts(len(run.classes))
+    return {name: int(n) for name, n in zip(run.classes, counts, strict=True)}
+
+
+def _balance_line(run: Run) -> str | None:
+    """What balancing does to an epoch, in one line (None without balancing)."""
+    order = run.train_order
+    if order.balance == "none":
+        return None
+    before = np.bincount(order.labels, minlength=len(run.classes))
+    after = _epoch_class_counts(run)
+    shown = ", ".join(f"{name} {n:,} (of {int(b):,})"
+                      for (name, n), b in zip(after.items(), before, strict=True))  # fmt: skip
+    return f"balance {order.balance}: {sum(after.values()):,} images per epoch: {shown}"
+
+
+def resolved_config(run: Run) -> TrainConfig:
+    """The run's config with the values it used where the config left them to defaults: the
+    model's options, the optimizer's settings, normalisation, pinned memory, a carved val
+    ratio. Written to config.yaml (and read back by --resume)."""
+    from loadbench.training.models import resolve_model_options
+    from loadbench.training.optim import optimizer_settings
+
+    c = run.config
+    model = {k: list(v) if isinstance(v, tuple) else v
+             for k, v in resolve_model_options(c.model, c.model_options()).items()}  # fmt: skip
+    update = {**model, **optimizer_settings(c), "normalize": run.normalized,
+              "pin_memory": run.pinned}  # fmt: skip
+    if run.plan.carved_ratio is not None:
+        update["val_ratio"] = run.plan.carved_ratio
+    return c.model_copy(update=update)
 
 
 def _replicas(run: Run) -> dict[str, Any]:
@@ -165,7 +238,7 @@ def train_kfold(config: TrainConfig, store: Store | None = None) -> RunResult:
     """K stratified folds of the training split, one run each, and their mean +- std."""
     from sklearn.model_selection import StratifiedKFold
 
-    store = store if store is not None else open_data(config.data, cache_dir=config.cache_dir)
+    store = store if store is not None else open_run_data(config)
     out = config.out or default_out_dir(config)
     labels = labels_of(store, "train")
     counts = np.bincount(labels)
@@ -203,14 +276,25 @@ def resume_config(run_dir: str, **overrides: Any) -> TrainConfig:
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    split = metrics["eval_split"]
-    part = metrics[split]
-    epoch = metrics["epoch_time_s"]
-    return (
-        f"{split} accuracy {part['accuracy']:.4f}, macro F1 {part['f1_macro']:.4f}, "
-        f"loss {part['loss']:.4f}; {metrics['epochs_run']} epochs, "
-        f"{epoch['mean']:.2f}s per epoch (first {epoch['first']:.2f}s)"
-        + (f", compile {metrics['compile_time_s']:.1f}s" if metrics["compile_time_s"] else "")
-        if not math.isnan(part["loss"])
-        else f"{split}: nothing evaluated"
-    )
+    """The end of a run in one line: every evaluated split's accuracy and macro F1, epochs,
+    epoch time with evaluation time beside it, and the wall time."""
+    splits = [metrics["eval_split"]] + (["test"] if metrics["eval_split"] != "test"
+                                         and "test" in metrics else [])  # fmt: skip
+    parts = []
+    for split in splits:
+        part = metrics[split]
+        if math.isnan(part["loss"]):
+            parts.append(f"{split}: nothing evaluated")
+        else:
+            parts.append(f"{split} accuracy {part['accuracy']:.4f}, macro F1 "
+                         f"{part['f1_macro']:.4f}, loss {part['loss']:.4f}")  # fmt: skip
+    epoch, evaluation = metrics["epoch_time_s"], metrics.get("eval_time_s", {}).get("mean")
+    timing = f"{metrics['epochs_run']} epochs, {epoch['mean']:.2f}s per epoch"
+    if evaluation is not None:
+        timing += f" + {evaluation:.2f}s evaluation"
+    timing += f" (first {epoch['first']:.2f}s)"
+    if metrics.get("wall_time_s") is not None:
+        timing += f", wall time {metrics['wall_time_s']:.1f}s"
+    if metrics["compile_time_s"]:
+        timing += f", compile {metrics['compile_time_s']:.1f}s"
+    return "; ".join(parts) + f"; {timing}"
