@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from loadbench import upload
-from loadbench.errors import LoadbenchError
+from loadbench.errors import (
+    LoadbenchError,
+    OutOfSpaceError,
+    explain_os_error,
+    free_bytes,
+    is_out_of_space,
+    writing,
+)
 from loadbench.formats import Format, expand_names, get_format
 from loadbench.manifest import MANIFEST, MANIFEST_SCHEMA, read_manifest, write_manifest
 from loadbench.remote import is_url, join
@@ -98,19 +105,40 @@ def _reused(store: Store) -> Store:
 
 def _write_atomically(source: Source, fmt: Format, out: str, dtype: str, options: dict,
                       identity: str, jobs: int) -> None:  # fmt: skip
-    """The store written under a temporary name beside `out`, then renamed to it."""
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write_manifest(tmp, write_store(source, fmt, tmp, dtype, options, identity, jobs))
-        _replace(tmp, out)
-    except BaseException:
+    """The store written under a temporary name beside `out`, then renamed to it; on any
+    failure the partial store is removed, and a place that cannot be written (full, read-only,
+    forbidden) is said in one line."""
+    with writing(out, "converting into"):
+        parent = os.path.dirname(out)
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_partials(out)
+        tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.makedirs(tmp)
+        try:
+            write_manifest(tmp, write_store(source, fmt, tmp, dtype, options, identity, jobs))
+            _replace(tmp, out)
+        except BaseException as e:
+            full = _full_disk(e, out)  # said before the partial store frees its space
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise full from None
+            raise
+
+
+def _full_disk(error: BaseException, out: str) -> OutOfSpaceError | None:
+    """`error` as a full disk under `out`, or None when it is something else. Some writers
+    (lmdb's "Input/output error", a worker's report) do not pass ENOSPC on: their errors are
+    said as a full disk when the file system is indeed full (under 1 MiB free) right then."""
+    if is_out_of_space(error):
+        return OutOfSpaceError(out, "converting into", getattr(error, "needed", None),
+                               getattr(error, "free", None))  # fmt: skip
+    if isinstance(error, KeyboardInterrupt) or (
+        isinstance(error, OSError) and explain_os_error(error) is not None
+    ):
+        return None
+    free = free_bytes(out)
+    return OutOfSpaceError(out, "converting into") if free is not None and free < 2**20 else None
 
 
 def _remove_stale_partials(out: str) -> None:
@@ -159,7 +187,13 @@ def _convert_to_url(source: Source, fmt: Format, url: str, dtype: str, identity:
         )
     with tempfile.TemporaryDirectory(prefix="loadbench-upload-") as tmp:
         local = os.path.join(tmp, "store")
-        _write_atomically(source, fmt, local, dtype, options, identity, jobs)
+        try:
+            _write_atomically(source, fmt, local, dtype, options, identity, jobs)
+        except OutOfSpaceError as e:  # the staging folder, not the URL, is full
+            raise OutOfSpaceError(
+                tmp, f"staging the store for {url} locally in", e.needed, e.free,
+                fix="free some space there, or set TMPDIR to a folder with more space",
+            ) from None  # fmt: skip
         upload.upload(local, files, replace=occupied)
     return open_store(url, storage_options=storage_options)
 

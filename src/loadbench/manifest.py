@@ -10,10 +10,11 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from loadbench.errors import CorruptStoreError, LoadbenchError
-from loadbench.formats import DTYPES, is_format
+from loadbench.formats import DTYPES, get_format, is_format
 from loadbench.remote import join
 from loadbench.storefiles import StoreFiles
 from loadbench.util import write_text_atomic
@@ -22,6 +23,9 @@ MANIFEST = "manifest.json"
 # The manifest's own layout (each format's files have their `format_version`). A store of
 # another schema is refused with what to do.
 MANIFEST_SCHEMA = 1
+# One image of a store is at most this big (2 GiB): a damaged shape must not make readers
+# allocate terabytes for a batch.
+MAX_IMAGE_BYTES = 1 << 31
 
 
 class SplitInfo(BaseModel):
@@ -140,7 +144,36 @@ def parse_manifest(data: Any, file: str) -> Manifest:
         raise LoadbenchError(f"{file} names unknown format {manifest.format!r}")
     if manifest.dtype not in DTYPES:
         raise CorruptStoreError(f"{file} names unknown dtype {manifest.dtype!r}")
+    if problem := _inconsistency(manifest):
+        raise CorruptStoreError(f"{file} is damaged: {problem}; convert the store again")
+    try:  # typed, with the defaults of options added since the store was written
+        manifest.options = get_format(manifest.format).parse_options(manifest.options)
+    except LoadbenchError as e:
+        raise CorruptStoreError(f"{file} is damaged: {e}") from None
     return manifest
+
+
+def _inconsistency(m: Manifest) -> str | None:
+    """What in a manifest that parsed contradicts the rest of it (values a damaged or hostile
+    file could hold, which readers and `verify` would otherwise take as sizes), else None."""
+    h, w, c = m.image_shape
+    if min(h, w, c) < 1 or h * w * c * np.dtype(DTYPES[m.dtype]).itemsize > MAX_IMAGE_BYTES:
+        return f"image_shape {list(m.image_shape)} is no image loadbench stores"
+    if m.checksum_block < 1:
+        return f"checksum_block is {m.checksum_block}"
+    for split, info in m.splits.items():
+        counts = info.label_counts
+        if info.count < 0 or len(counts) != len(m.classes) or min(counts, default=0) < 0:
+            return f"split {split!r} has count {info.count}, label_counts of {len(counts)} classes"
+        if sum(counts) != info.count:
+            return f"split {split!r} has {info.count} images, label_counts add up to {sum(counts)}"
+        if len(info.block_sha256) != -(-info.count // m.checksum_block):
+            return f"split {split!r} has {len(info.block_sha256)} block checksums"
+    for rel, size in m.files.items():
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith("/") or ".." in parts or size < 0:
+            return f"files lists {rel!r} of {size} bytes"
+    return None
 
 
 def check_files(files: StoreFiles, manifest: Manifest) -> None:

@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from loadbench.errors import writing
+
 CACHE_SLOTS = 65  # the main process and up to 64 DataLoader workers count apart
 
 
@@ -72,16 +74,19 @@ class ReadThroughCache:
         if _valid(dest, expected):
             self.counters.add(True, os.path.getsize(dest))
             return dest
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(dest + ".lock", "w") as lock:
+        with writing(dest, _COPYING, expected):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            lock = open(dest + ".lock", "w")  # noqa: SIM115 (closed by the with below)
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if _valid(dest, expected):  # another process fetched it meanwhile
                 self.counters.add(True, os.path.getsize(dest))
                 return dest
             tmp = f"{dest}.part-{os.getpid()}"
             try:
-                fetch(rel, tmp)
-                os.replace(tmp, dest)
+                with writing(dest, _COPYING, expected):
+                    fetch(rel, tmp)
+                    os.replace(tmp, dest)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
@@ -100,18 +105,23 @@ class ReadThroughCache:
         if not missing:
             return dests
         tmps = [f"{dests[i]}.part-{os.getpid()}" for i in missing]
-        for tmp in tmps:
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        needed = sum(self.sizes.get(rels[i]) or 0 for i in missing)
         try:
-            fetch([rels[i] for i in missing], tmps)
-            for i, tmp in zip(missing, tmps, strict=True):
-                os.replace(tmp, dests[i])
-                self.counters.add(False, os.path.getsize(dests[i]))
+            with writing(self.root, _COPYING, needed):
+                for tmp in tmps:
+                    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                fetch([rels[i] for i in missing], tmps)
+                for i, tmp in zip(missing, tmps, strict=True):
+                    os.replace(tmp, dests[i])
+                    self.counters.add(False, os.path.getsize(dests[i]))
         finally:
             for tmp in tmps:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
         return dests
+
+
+_COPYING = "copying the store into the read-through cache at"
 
 
 def _valid(path: str, expected: int | None) -> bool:

@@ -9,13 +9,19 @@ stores.
 
 from __future__ import annotations
 
+import io
+import math
 import os
+from tokenize import TokenError
 from typing import Any
 
 from loadbench.errors import LoadbenchError
 from loadbench.options import Option
 from loadbench.readthrough import ReadThroughCache
 from loadbench.remote import coalesce, filesystem, is_url, join, public_options, remote_errors
+
+# What numpy raises for a damaged `.npy` file (its header is a Python literal, tokenized).
+NPY_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TokenError)
 
 READ_THROUGH_OPTIONS = {
     "cache_dir": Option(
@@ -155,6 +161,23 @@ class StoreFiles:
             for (k, at), start, stop in zip(where, starts, stops, strict=True)
         ]
 
+    def read_npy(self, rel: str):
+        """The array of a whole `.npy` file; ValueError (or another of `NPY_ERRORS`) when it is
+        none, or when its header does not describe exactly the bytes after it."""
+        import numpy as np
+
+        data = self.read(rel)
+        _check_npy(rel, data[:_NPY_HEAD], len(data))
+        return np.load(io.BytesIO(data))
+
+    def check_npy(self, rel: str) -> None:
+        """ValueError unless the `.npy` file's header describes exactly the bytes after it:
+        `np.load` allocates what the header asks for before reading, terabytes if it is damaged."""
+        size = self.sizes([rel])[rel]
+        if size is None:
+            raise FileNotFoundError(f"{rel} is missing")
+        _check_npy(rel, self.read_ranges([rel], [0], [min(size, _NPY_HEAD)])[0], size)
+
     def open(self, rel: str, block_size: int = 4 << 20):
         """A seekable binary file object (h5py reads remote HDF5 through one)."""
         if self.has_local_files:
@@ -202,6 +225,26 @@ class StoreFiles:
             **public_options(self.options),
             "cache_dir": self.cache_dir if self.cached else None,
         }
+
+
+_NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
+
+
+def _check_npy(rel: str, head: bytes, size: int) -> None:
+    import numpy as np
+
+    f = io.BytesIO(head)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{rel} is a .npy file of version {version}, which loadbench never writes")
+    shape, _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+    if dtype.hasobject:
+        raise ValueError(f"{rel} holds Python objects")
+    declared = math.prod(shape) * dtype.itemsize
+    if f.tell() + declared != size:
+        raise ValueError(
+            f"{rel} declares {shape} {dtype} ({declared:,} bytes), it holds {size - f.tell():,}"
+        )
 
 
 def _size(path: str) -> int | None:

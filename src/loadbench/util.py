@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import IO, Any
 
+from loadbench.errors import LoadbenchError, OutOfSpaceError, explain_os_error, free_bytes
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False,
@@ -35,10 +37,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        explained = _explained(e, path)  # before the partial file frees its space
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if explained is not None:
+            raise explained from e
         raise
+
+
+def _explained(error: BaseException, path: str) -> Exception | None:
+    """The user's side of a failed write of `path` as one LoadbenchError (a full disk, a
+    read-only or forbidden place); None for anything else. Writers that wrap the file
+    system's error in their own (torch.save's RuntimeError) are said as a full disk when the
+    disk is indeed full (under 1 MiB free)."""
+    if isinstance(error, OSError):
+        return explain_os_error(error, path)
+    if isinstance(error, Exception) and not isinstance(error, LoadbenchError):
+        free = free_bytes(path)
+        if free is not None and free < 2**20:
+            return OutOfSpaceError(path, "writing", free=free)
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> str:
@@ -98,3 +117,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C off for the block, which it would otherwise cut in half: a Ctrl-C pressed
+    meanwhile is raised when the block ends. (Masking SIGINT would not do: the kernel hands it
+    to another thread, and Python raises it in the main thread all the same.) Only the main
+    thread can set a signal handler; elsewhere the block runs unprotected."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+    elif pressed and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt

@@ -19,7 +19,7 @@ import numpy as np
 from loadbench import progress
 from loadbench.checksums import ContentHash
 from loadbench.errors import LoadbenchError
-from loadbench.formats import to_stored, to_uint8
+from loadbench.formats import SplitReader, to_stored, to_uint8
 from loadbench.manifest import MANIFEST, find_remote_stores, find_stores
 from loadbench.remote import is_url
 from loadbench.sources import Source, load_source
@@ -143,8 +143,10 @@ def _check_split(store, split, src, threshold, check: SplitCheck, advance) -> No
     squared_error, pixels = 0.0, 0
     exact, label_mismatches = 0, 0
     worst = (math.inf, None)
+    read_labels = []
     for start, images, labels in reader.iter_blocks(block):
         content.update(images, labels)
+        read_labels.append(np.asarray(labels, dtype=np.int64))
         advance(len(images))
         if source_batches is None:
             continue
@@ -164,19 +166,8 @@ def _check_split(store, split, src, threshold, check: SplitCheck, advance) -> No
         elif not same.all() and not check.problems:
             first = start + int(np.flatnonzero(~same)[0])
             check.problems.append(f"image {first} differs from the source")
-    digest = content.finish()
-    check.checksum_ok = digest["images_sha256"] == info.images_sha256
-    if not check.checksum_ok or digest["labels_sha256"] != info.labels_sha256:
-        check.bad_blocks = [
-            (i * block, min((i + 1) * block, check.count))
-            for i, (got, want) in enumerate(
-                zip(digest["block_sha256"], info.block_sha256, strict=False)
-            )
-            if got != want
-        ]
-        where = ", ".join(f"{a}-{b - 1}" for a, b in check.bad_blocks[:5]) or "?"
-        what = "images" if not check.checksum_ok else "labels"
-        check.problems.insert(0, f"{what} differ from the manifest's checksum (images {where})")
+    _check_label_list(reader, read_labels, check)
+    _check_digest(content.finish(), info, block, check)
     if source_batches is not None:
         check.compared = True
         check.exact_images = exact
@@ -190,6 +181,37 @@ def _check_split(store, split, src, threshold, check: SplitCheck, advance) -> No
                 check.problems.append(
                     f"PSNR {check.psnr_db:.1f} dB is under the {threshold:g} dB threshold"
                 )
+
+
+def _check_digest(digest: dict, info, block: int, check: SplitCheck) -> None:
+    """The split's hashes against the manifest's; the image ranges of the blocks that differ."""
+    check.checksum_ok = digest["images_sha256"] == info.images_sha256
+    if check.checksum_ok and digest["labels_sha256"] == info.labels_sha256:
+        return
+    check.bad_blocks = [
+        (i * block, min((i + 1) * block, check.count))
+        for i, (got, want) in enumerate(
+            zip(digest["block_sha256"], info.block_sha256, strict=False)
+        )
+        if got != want
+    ]
+    where = ", ".join(f"{a}-{b - 1}" for a, b in check.bad_blocks[:5]) or "?"
+    what = "images" if not check.checksum_ok else "labels"
+    check.problems.insert(0, f"{what} differ from the manifest's checksum (images {where})")
+
+
+def _check_label_list(reader, read_labels: list[np.ndarray], check: SplitCheck) -> None:
+    """A reader that keeps the split's labels apart from its images (`labels()`, what class
+    balancing and label counts use) must list the very labels that its images carry."""
+    if type(reader).labels is SplitReader.labels:
+        return  # its labels() reads the images again
+    listed = np.asarray(reader.labels()).reshape(-1)
+    read = np.concatenate(read_labels) if read_labels else np.empty(0, dtype=np.int64)
+    if len(listed) != len(read) or not np.array_equal(listed, read):
+        differ = np.flatnonzero(listed != read) if len(listed) == len(read) else [0]
+        check.problems.append(
+            f"the split's list of labels differs from its images' labels (image {differ[0]})"
+        )
 
 
 def _source_batches(src: Source, store: Store, split: str, check: SplitCheck):

@@ -118,15 +118,28 @@ def _write_split(fmt, layout: SplitLayout, batches, content: ContentHash, advanc
     fmt.writer_class.prepare(layout)
     writer = fmt.writer(layout)
     seconds = time.perf_counter() - t0
-    for batch, labels in batches:
+    with _aborted_on_error(writer):
+        for batch, labels in batches:
+            t0 = time.perf_counter()
+            stored = writer.write(batch, labels)
+            seconds += time.perf_counter() - t0
+            content.update(stored, labels)
+            advance(len(batch))
         t0 = time.perf_counter()
-        stored = writer.write(batch, labels)
-        seconds += time.perf_counter() - t0
-        content.update(stored, labels)
-        advance(len(batch))
-    t0 = time.perf_counter()
-    extra = fmt.writer_class.join(layout, [writer.close()])
+        part = writer.close()
+    extra = fmt.writer_class.join(layout, [part])
     return extra, seconds + time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _aborted_on_error(writer):
+    """`writer.abort()` if the block fails, so that its library holds no half-written file
+    open while the error travels up (and the partial store is removed)."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _parallel_mode(fmt, source: Source, layouts: list[SplitLayout], jobs: int) -> str | None:
@@ -220,7 +233,7 @@ class _Job:
         t0 = time.perf_counter()
         writer = self.fmt.writer(layout)
         seconds = time.perf_counter() - t0
-        with open(self._scratch_file(task), "wb") as scratch:
+        with open(self._scratch_file(task), "wb") as scratch, _aborted_on_error(writer):
             for start in range(task.start, task.stop, self.block):
                 stop = min(start + self.block, task.stop)
                 images, labels = self.source.read(task.split, start, stop)

@@ -3,17 +3,26 @@
 The directory holds `bench.json` (its schema), `env.json` (machine and versions),
 `experiment.yaml` (the last experiment run into it) and `runs.jsonl`: one `RunRecord` per
 finished run, appended and fsynced when the run ends. `RESULTS_SCHEMA` versions all of it: the
-records, their settings (and so the run keys) and the marker.
+records, their settings (and so the run keys) and the marker. While a bench runs, it holds
+`bench.lock` there (`lock.py`).
+
+What runs.jsonl guarantees: a record is one line written in one call, then fsynced. A crash
+while writing leaves at most a torn last line: readers leave it out and say which line, and
+the next bench (holding the lock) cuts it off, so its run runs again once; a write that fails
+(a full disk) is cut back off at once. A damaged line never hides the records around it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loadbench.errors import writing
 from loadbench.util import clean, now_iso
 
 RESULTS_SCHEMA = 1
@@ -84,48 +93,132 @@ class RunRecord(BaseModel):
         return self
 
 
-def read_runs(results_dir: str) -> list[dict[str, Any]]:
-    """Every record of runs.jsonl, as the file holds it; a line cut short by a crash is
-    ignored."""
-    path = os.path.join(results_dir, RUNS)
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # the last line of a process killed while writing
-    return records
+@dataclass
+class RunsFile:
+    """runs.jsonl as read: its records with their line numbers, and what is wrong with the
+    lines that are not (line number -> why)."""
+
+    records: list[tuple[int, Any]] = field(default_factory=list)
+    problems: dict[int, str] = field(default_factory=dict)
+    torn_at: int | None = None  # byte offset of a last line cut short, without its newline
 
 
-def latest_records(results_dir: str) -> tuple[list[RunRecord], int]:
-    """The last record of every run key, typed (a run tried again is recorded again), and how
-    many lines are not records this version can read (they are left out)."""
-    latest: dict[str, dict[str, Any]] = {}
-    unreadable = 0
-    for data in read_runs(results_dir):
+TORN = "cut short (a bench was killed while writing it, or is writing it now)"
+
+
+def scan_runs(results_dir: str) -> RunsFile:
+    """Read runs.jsonl line by line, keeping what each line that is not a record is."""
+    found = RunsFile()
+    try:
+        with open(os.path.join(results_dir, RUNS), "rb") as f:
+            lines = f.read().split(b"\n")  # the last item is b"" when the file ends in \n
+    except FileNotFoundError:
+        return found
+    offset = 0
+    for number, raw in enumerate(lines, 1):
+        last = number == len(lines)
+        if raw.strip():
+            data, problem = _parse(raw.decode("utf-8", errors="replace"))
+            if data is not None:
+                found.records.append((number, data))
+            if problem:
+                found.problems[number] = TORN if last and data is None else problem
+            if last and data is None:
+                found.torn_at = offset
+        offset += len(raw) + 1
+    return found
+
+
+def _parse(line: str) -> tuple[Any, str | None]:
+    """A line's record, and what is wrong with it. Earlier versions appended a record onto
+    the half line a crash had left: that record is found and kept."""
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError:
+        pass
+    decoder = json.JSONDecoder()
+    start = line.find("{", 1)
+    while start > 0:
+        with contextlib.suppress(json.JSONDecodeError):
+            data, end = decoder.raw_decode(line, start)
+            if end == len(line.rstrip()) and isinstance(data, dict) and "key" in data:
+                return data, "a record cut short, then a whole record (kept) on the same line"
+        start = line.find("{", start + 1)
+    return None, "not JSON"
+
+
+def read_runs(results_dir: str) -> list[Any]:
+    """Every record of runs.jsonl, as the file holds it; lines that are not JSON (a line cut
+    short by a crash) are left out: see `scan_runs` for which."""
+    return [data for _, data in scan_runs(results_dir).records]
+
+
+def recorded_ok(results_dir: str) -> set[str]:
+    """The keys of the runs recorded as finished ok."""
+    return {
+        r["key"] for r in read_runs(results_dir)
+        if isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("key"), str)
+    }  # fmt: skip
+
+
+def latest_records(results_dir: str) -> tuple[list[RunRecord], list[str]]:
+    """The last record of every run key, typed (a run tried again is recorded again), and the
+    lines left out or damaged, each said as "line N (why)"."""
+    runs = scan_runs(results_dir)
+    problems = dict(runs.problems)
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for number, data in runs.records:
         if isinstance(data, dict) and isinstance(data.get("key"), str):
-            latest[data["key"]] = data
+            latest[data["key"]] = (number, data)
         else:
-            unreadable += 1
+            problems[number] = "not a run record"
     records = []
-    for data in latest.values():
+    for number, data in latest.values():
         try:
             records.append(RunRecord.model_validate(data))
-        except ValidationError:
-            unreadable += 1
-    return records, unreadable
+        except ValidationError as e:
+            where = ".".join(map(str, e.errors()[0]["loc"]))
+            problems[number] = f"not a record this version reads: {where} is invalid"
+    return records, [f"line {n} ({why})" for n, why in sorted(problems.items())]
+
+
+def heal_runs(results_dir: str) -> str | None:
+    """Cut off a last line that a crash left half-written, so that the next record starts on
+    a line of its own, and the run it was runs again. Only for the holder of the results
+    directory's lock (`lock.py`): a bench writing that line right now looks the same.
+    Returns a note saying what was cut."""
+    runs = scan_runs(results_dir)
+    if runs.torn_at is None:
+        return None
+    path = os.path.join(results_dir, RUNS)
+    with writing(path, "repairing"):
+        os.truncate(path, runs.torn_at)
+    return (
+        f"{path}: line {max(runs.problems)} was cut short by a crash while it was written; "
+        "removed (its run runs again)"
+    )
 
 
 def append_run(results_dir: str, record: RunRecord) -> None:
-    """One line, written in one call and fsynced: a crash loses at most this record."""
-    line = json.dumps(record.to_json(), allow_nan=False) + "\n"
-    with open(os.path.join(results_dir, RUNS), "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """One line, written in one call and fsynced: a crash loses at most this record. The line
+    starts after a newline even if the file's last line lacks one, and a write that fails (a
+    full disk) is cut back off, so no half line is left behind."""
+    path = os.path.join(results_dir, RUNS)
+    line = (json.dumps(record.to_json(), allow_nan=False) + "\n").encode()
+    with writing(path, "recording a run in"):
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)

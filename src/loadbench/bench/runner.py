@@ -5,6 +5,10 @@ and fsynced when the run ends. Runs are keyed by a hash of their settings and re
 the same command again skips what is done: an experiment killed at any point loses at most the
 run in progress. Failed runs are recorded with their error and tried again on the next
 invocation; the report keeps the last record of every key.
+
+One bench writes a results directory at a time (`lock.py`). Belt and braces where a lock cannot
+reach (a network file system): runs.jsonl is read again before each run and before its record
+is appended, so a run already recorded ok is neither run nor recorded again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from loadbench import progress
 from loadbench.bench.env import environment
 from loadbench.bench.experiment import Experiment
 from loadbench.bench.launch import FreshInterpreters, Template
+from loadbench.bench.lock import is_lock_file, results_lock
 from loadbench.bench.matrix import Cell, RunSpec, expand, plan_runs
 from loadbench.bench.records import (
     MARKER,
@@ -31,10 +36,11 @@ from loadbench.bench.records import (
     RUNS,
     RunRecord,
     append_run,
-    read_runs,
+    heal_runs,
+    recorded_ok,
 )
 from loadbench.bench.torchrun import Torchrun, settle
-from loadbench.errors import LoadbenchError
+from loadbench.errors import LoadbenchError, writing
 from loadbench.remote import join
 from loadbench.util import now_iso, write_text_atomic
 
@@ -51,10 +57,17 @@ class Outcome:
     skipped_done: int = 0  # finished in an earlier invocation
     not_run: list[tuple[str, str]] = field(default_factory=list)  # (cell, why)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (run, error)
+    notes: list[str] = field(default_factory=list)  # said to the user as they happen
+
+    def note(self, text: str | None) -> None:
+        if text:
+            self.notes.append(text)
+            progress.note(text)
 
 
 def prepare_results(results_dir: str, experiment: Experiment, stores_dir: str) -> None:
-    os.makedirs(results_dir, exist_ok=True)
+    """Check that `results_dir` (made, and locked by this process) holds results of this
+    schema or nothing, and write what describes them."""
     marker = os.path.join(results_dir, MARKER)
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
@@ -64,7 +77,7 @@ def prepare_results(results_dir: str, experiment: Experiment, stores_dir: str) -
                 f"{results_dir} holds results of schema {found}; this loadbench writes schema "
                 f"{RESULTS_SCHEMA}: use another --out"
             )
-    elif os.listdir(results_dir) and not os.path.isfile(os.path.join(results_dir, RUNS)):
+    elif _holds_other_files(results_dir):
         raise LoadbenchError(f"{results_dir} is not empty and is not a results directory")
     else:
         write_text_atomic(marker, json.dumps({"schema": RESULTS_SCHEMA, "created": now_iso()}))
@@ -75,6 +88,11 @@ def prepare_results(results_dir: str, experiment: Experiment, stores_dir: str) -
         os.path.join(results_dir, "experiment.yaml"),
         yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False),
     )
+
+
+def _holds_other_files(results_dir: str) -> bool:
+    names = [n for n in os.listdir(results_dir) if not is_lock_file(n)]
+    return bool(names) and RUNS not in names
 
 
 def store_dir_for(stores_dir: str, cell: Cell, source, options: dict) -> str:
@@ -98,19 +116,32 @@ def run_experiment(
     *,
     python: str = sys.executable,
 ) -> Outcome:
-    """Run every pending run of `experiment` into `results_dir`."""
+    """Run every pending run of `experiment` into `results_dir`, as its only writer: another
+    bench on it is refused (`lock.py`)."""
     stores_dir = stores_dir or default_stores_dir()
     results_dir = os.path.abspath(results_dir)
     outcome = Outcome()
     cells = expand(experiment)
     outcome.not_run = [(c.label, c.skip) for c in cells if c.skip]
     runs = plan_runs(experiment, cells)
-    prepare_results(results_dir, experiment, stores_dir)
-    done = {r.get("key") for r in read_runs(results_dir) if r.get("status") == "ok"}
-    pending = [r for r in runs if r.key not in done]
-    outcome.skipped_done = len(runs) - len(pending)
-    if not pending:
-        return outcome
+    with writing(results_dir, "making the results directory"):
+        os.makedirs(results_dir, exist_ok=True)
+    nodes = experiment.distributed.nnodes if experiment.distributed is not None else 1
+    with results_lock(results_dir, per_host=nodes > 1) as took_over:
+        outcome.note(took_over)
+        with writing(results_dir, "writing the results directory"):
+            prepare_results(results_dir, experiment, stores_dir)
+        outcome.note(heal_runs(results_dir))
+        done = recorded_ok(results_dir)
+        pending = [r for r in runs if r.key not in done]
+        outcome.skipped_done = len(runs) - len(pending)
+        if pending:
+            _run_pending(experiment, pending, results_dir, stores_dir, python, outcome)
+    return outcome
+
+
+def _run_pending(experiment: Experiment, pending: list[RunSpec], results_dir: str,
+                 stores_dir: str, python: str, outcome: Outcome) -> None:  # fmt: skip
     stores = convert_stores(experiment, pending, stores_dir)
     processes = launcher(experiment, python)
     try:
@@ -119,30 +150,40 @@ def run_experiment(
             progress.task(f"bench {experiment.name}", len(pending)) as advance,
         ):
             for number, spec in enumerate(pending, 1):
-                store = stores[_store_key(spec.cell)]
-                too_big = _device_too_small(spec, store)
-                if too_big:
-                    if spec.repeat == 0:
-                        outcome.not_run.append((spec.cell.label, too_big))
-                    advance(1)
-                    continue
                 label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
-                progress.console.print(f"[dim]{label}[/dim]", highlight=False)
-                record = _one_run(spec, store, scratch, processes)
-                if record is None:  # a multi-node run recorded by the node of its rank 0
-                    advance(1)
-                    continue
-                append_run(results_dir, record)
-                if record.status == "ok":
-                    outcome.ok += 1
-                else:
-                    outcome.failed += 1
-                    outcome.failures.append((label, record.error or "?"))
-                    progress.console.print(f"[red]failed:[/red] {record.error}")
+                _run_one(spec, stores[_store_key(spec.cell)], label, results_dir, scratch,
+                         processes, outcome)  # fmt: skip
                 advance(1)
     finally:
         processes.close()
-    return outcome
+
+
+def _run_one(spec: RunSpec, store: dict[str, Any], label: str, results_dir: str, scratch: str,
+             processes, outcome: Outcome) -> None:  # fmt: skip
+    """Run one spec (unless it cannot run, or is recorded ok since the bench started) and
+    record it."""
+    too_big = _device_too_small(spec, store)
+    if too_big:
+        if spec.repeat == 0:
+            outcome.not_run.append((spec.cell.label, too_big))
+        return
+    if spec.key in recorded_ok(results_dir):
+        outcome.skipped_done += 1
+        return
+    progress.console.print(f"[dim]{label}[/dim]", highlight=False)
+    record = _one_run(spec, store, scratch, processes)
+    if record is None:  # a multi-node run recorded by the node of its rank 0
+        return
+    if record.key in recorded_ok(results_dir):
+        outcome.note(f"{label} was recorded by another process meanwhile; kept that record")
+        return
+    append_run(results_dir, record)
+    if record.status == "ok":
+        outcome.ok += 1
+    else:
+        outcome.failed += 1
+        outcome.failures.append((label, record.error or "?"))
+        progress.console.print(f"[red]failed:[/red] {record.error}")
 
 
 def convert_stores(
@@ -177,10 +218,11 @@ def convert_stores(
                 )  # fmt: skip
             m = store.manifest
             stores[key] = {
-                "path": store.path,
+                "path": store.path,  # identity and created: which store the run must read
                 "info": {"bytes": m.bytes, "bytes_allocated": m.bytes_allocated,
                          "convert_time_s": m.convert_time_s, "images": store.counts,
-                         "image_shape": list(m.image_shape), "reused": store.skipped},
+                         "image_shape": list(m.image_shape), "reused": store.skipped,
+                         "identity": m.identity, "created": m.created},
             }  # fmt: skip
         except LoadbenchError as e:
             stores[key] = {"error": f"conversion failed: {e}"}

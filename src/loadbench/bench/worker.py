@@ -4,10 +4,14 @@ A fresh process per run means no page-cache mappings, allocator state, compiled 
 handles carry over from one run to the next. SPEC is a `RunSpec` as JSON; the `RunRecord` is
 written atomically to RESULT. A failure is written as a failed record with the error, and a
 process that is killed writes nothing (the runner records that).
+
+A run reads the store the runner converted, or fails: `check_store` compares the store's
+manifest with the one the runner saw when the run opens it, after every epoch and at its end.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -18,6 +22,7 @@ from typing import Any
 from loadbench.bench.matrix import RunSpec
 from loadbench.bench.records import RunRecord
 from loadbench.bench.torchrun import RANK_FAILED
+from loadbench.errors import LoadbenchError
 from loadbench.util import die_with_parent, now_iso, write_json_atomic
 
 
@@ -77,6 +82,30 @@ def open_run_store(spec: RunSpec, device):
     )  # fmt: skip
 
 
+def check_store(store, spec: RunSpec) -> None:
+    """Fail the run when its store was deleted or replaced (by a conversion with --overwrite, a
+    clean-up) since the runner converted it. Reads may go on without an error meanwhile: from
+    files opened before, or as blank images where zarr finds a chunk missing; only the manifest
+    (its identity and creation time) tells. Checked outside the timed epochs."""
+    from loadbench.manifest import MANIFEST
+
+    try:
+        manifest = json.loads(store.files.read_direct(MANIFEST))
+    except (OSError, ValueError, LoadbenchError) as e:
+        raise LoadbenchError(
+            f"the store {store.path} was deleted or damaged during the run ({e}); the run does "
+            "not count: run `loadbench bench` again"
+        ) from None
+    expected = spec.store.get("created")
+    same = (manifest.get("identity"), manifest.get("created")) == (
+        spec.store.get("identity"), expected)  # fmt: skip
+    if expected is not None and not same:
+        raise LoadbenchError(
+            f"the store {store.path} was replaced during the run (converted {expected}, now "
+            f"{manifest.get('created')}); the run does not count: run `loadbench bench` again"
+        )
+
+
 def evict_read_through(spec: RunSpec) -> dict[str, Any]:
     """A cold run on object storage starts with the store's read-through copy deleted (there
     is no page cache of the network to drop)."""
@@ -104,6 +133,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
 
     e = spec.experiment
     store = open_run_store(spec, device)
+    check_store(store, spec)
     config = TrainConfig(
         data=spec.store_path, access=spec.cell.access, workers=spec.cell.workers,
         batch_size=e.batch_size, pin_memory=e.pin_memory, epochs=e.epochs, seed=spec.seed,
@@ -119,8 +149,11 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
             counts["since"] = store.files.counters.snapshot()
         return {**sampler.window(), **window}
 
-    run = Run(config, store, out_dir=None, callbacks=(record.epochs.append,),
-              epoch_extras=telemetry)  # fmt: skip
+    def checked(entry: dict[str, Any]) -> None:
+        record.epochs.append(entry)
+        check_store(store, spec)
+
+    run = Run(config, store, out_dir=None, callbacks=(checked,), epoch_extras=telemetry)
     record.order_quality = _order_quality(store, run.train_order)
     run.maybe_compile()
     record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
@@ -128,6 +161,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
     run.fit()
     loss, predicted, targets = run.predict(run.eval_batches)
     run.close()
+    check_store(store, spec)
     report = classification_report(targets, predicted, run.classes)
     record.final = {
         "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
@@ -153,6 +187,7 @@ def _loader_only(spec: RunSpec, record: RunRecord, sampler, device, started: flo
     dist = setup(device)  # the process group `execute` started, if any
     e, cell = spec.experiment, spec.cell
     store = open_run_store(spec, device)
+    check_store(store, spec)
     store.chunk_cache_bytes = e.chunk_cache_mb << 20
     plan = plan_splits(store, seed=spec.seed)
     order = EpochOrder(plan.train_indices, labels_of(store, "train")[plan.train_indices],
@@ -166,10 +201,10 @@ def _loader_only(spec: RunSpec, record: RunRecord, sampler, device, started: flo
         augmenter=None, shard=Shard(dist.rank, dist.world) if dist.active else None,
     )  # fmt: skip
     record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
-    record.epochs = [
-        _loader_epoch(epoch, order, batches, store, sampler, device, dist)
-        for epoch in range(1, e.epochs + 1)
-    ]
+    record.epochs = []
+    for epoch in range(1, e.epochs + 1):
+        record.epochs.append(_loader_epoch(epoch, order, batches, store, sampler, device, dist))
+        check_store(store, spec)
     shutdown(batches)
     record.time_to_first_batch_s = _time_to_first_batch(record)
 
@@ -220,8 +255,6 @@ def main(argv: list[str]) -> int:
     try:
         record = execute(spec)
     except BaseException as e:  # the runner records the failure; the experiment goes on
-        from loadbench.errors import LoadbenchError
-
         error = f"{type(e).__name__}: {e}" if not isinstance(e, LoadbenchError) else str(e)
         if not is_main_process():
             traceback.print_exc()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from loadbench.cli.app import app, err, state
-from loadbench.errors import LoadbenchError
+from loadbench.errors import LoadbenchError, explain_os_error
 
 # The command modules register their commands on `app`, in the order `--help` lists them.
 # isort: off
@@ -24,7 +24,13 @@ from loadbench.cli import bench  # noqa: E402, F401
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        app()
+        try:
+            app()
+        except OSError as e:  # a full disk, a read-only or forbidden place: the user's to fix
+            explained = explain_os_error(e)
+            if explained is None:
+                raise
+            raise explained from e
     except LoadbenchError as e:
         if state["debug"]:
             raise
@@ -33,6 +39,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    except SystemExit as e:  # typer ends a Ctrl-C as exit 130 silently
+        if e.code == 130 and _caused_by(e, KeyboardInterrupt):
+            err.print("[yellow]interrupted[/yellow]")
+        raise
     except Exception as e:  # a bug, not bad input: say so, keep the traceback for --debug
         if state["debug"]:
             raise
@@ -43,6 +53,15 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def bench(
 ) -> None:
     """Run an experiment: convert what is missing, then every run in its own process, with telemetry.
 
-    Re-running the same command skips finished runs, so a killed experiment resumes.
+    Re-running the same command skips finished runs, so a killed experiment resumes. One bench
+    writes a results directory at a time: a second one on the same --out is refused.
 
     Examples:
       [bold]loadbench bench[/bold]                                   (the built-in experiment)
@@ -124,6 +125,9 @@ def report(
     ] = None,
 ) -> None:
     """Turn a results directory into report.md and a self-contained report.html.
+
+    Writes only into --out (by default the report folder of the results directory), so results
+    on a read-only file system are reported with --out elsewhere.
 
     Examples:
       [bold]loadbench report results/default[/bold]

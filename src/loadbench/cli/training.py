@@ -9,7 +9,7 @@ import typer
 
 from loadbench.cli.app import app, stdout, table
 from loadbench.cli.params import with_flags
-from loadbench.errors import LoadbenchError
+from loadbench.errors import LoadbenchError, writable_folder
 from loadbench.training.config import GROUPS
 from loadbench.training.optim import SCHEDULE_OPTIONS
 
@@ -109,6 +109,7 @@ def lr_find_command(
     if iterations < 5 or not 0 < start_lr < end_lr:
         raise LoadbenchError("lr-find needs 0 < --start-lr < --end-lr and --iterations >= 5")
     cfg = load_config(config, data=data, **options)
+    writable_folder(out, "writing the lr sweep to")  # before the sweep, not after it
     with progress.enabled(), Run(cfg) as run:
         result = lr_find(run, start_lr, end_lr, iterations)
     png = write_lr_find(result, out)

@@ -79,6 +79,11 @@ class SplitWriter:
     def close(self) -> dict[str, Any]:
         return {}
 
+    def abort(self) -> None:
+        """Let go of open files after a failed `write` or `close` (a full disk, Ctrl-C) without
+        finishing them, and without raising: the partial store is removed next. A writer whose
+        library would otherwise fail again later (in a finalizer, at exit) must override it."""
+
 
 class SplitReader:
     """Random access to one split of a store, in the storage dtype and (H, W, C) layout.
@@ -219,10 +224,21 @@ class SplitReader:
         return np.empty((n, *self.image_shape), dtype=DTYPES[self.dtype])
 
     def _damaged(self, what: str, error: Exception | str) -> CorruptStoreError:
+        """The error for a damaged store: `what` names the file (its path in the store) and
+        `error` says what is wrong with it, on one line whatever a library's message holds."""
         return CorruptStoreError(
-            f"store {self.root} is damaged: {what}: {error}; run `loadbench verify {self.root}` "
-            "and convert again"
+            f"store {self.root} is damaged: {what}: {one_line(error)}; run `loadbench verify "
+            f"{self.root}` and convert again"
         )
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """A library's error message on one line (some span several, or quote whole files), cut at
+    `limit` characters; the exception's type name when it has no message."""
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _close(handle: Any) -> None:

@@ -89,6 +89,9 @@ class ChunkCache:
 
 
 DEFAULT_CHUNK_CACHE_BYTES = CHUNK_CACHE_OPTIONS["chunk_cache_mb"].default << 20
+# The most images per chunk a manifest may say (more than any split holds); a damaged manifest's
+# larger numbers overflow the int64 arithmetic that groups indices by chunk.
+MAX_CHUNK_IMAGES = 1 << 40
 
 
 class ChunkedArrayReader(SplitReader):
@@ -106,6 +109,10 @@ class ChunkedArrayReader(SplitReader):
     def __init__(self, root: str, manifest: Any, split: str, default_chunk: int = 256):
         super().__init__(root, manifest, split)
         stored_chunk = manifest.splits[split].model_extra.get("chunk_images")
+        if stored_chunk is not None and not (
+            type(stored_chunk) is int and 0 <= stored_chunk <= MAX_CHUNK_IMAGES
+        ):  # a damaged manifest: the chunk size is what reads are cut by
+            raise self._damaged(f"the manifest's {split} chunk_images", repr(stored_chunk))
         self.chunked = bool(stored_chunk)
         # Contiguous arrays are still read in slices of `default_chunk` images, so one sparse
         # batch does not pull the whole span between its first and last index.
@@ -124,6 +131,10 @@ class ChunkedArrayReader(SplitReader):
     def _open_arrays(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def images_path(self) -> str:
+        """Where the split's images are in the store, for errors."""
+        return f"{self.split}/images"
+
     def cache_stats(self) -> dict[str, Any] | None:
         """This process's chunk-cache counters (None: no cache, or nothing read yet)."""
         if self._handle is None or self._pid != os.getpid() or self._handle["cache"] is None:
@@ -137,7 +148,7 @@ class ChunkedArrayReader(SplitReader):
         try:
             return self.handle["images"][lo:hi]
         except self.read_errors as e:
-            raise self._damaged(f"{self.split}/images cannot be read", e) from None
+            raise self._damaged(f"{self.images_path()} cannot be read", e) from None
 
     def _chunk(self, number: int) -> np.ndarray:
         lo = number * self.chunk

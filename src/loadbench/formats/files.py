@@ -3,12 +3,12 @@
 Layout: `<split>/<NNN>_<class>/<index>.<ext>` plus `<split>/labels.npy`. Class folders carry their
 index as a prefix, so torchvision's ImageFolder on a split folder finds the same class indices.
 Pipeline when reading: file -> decode -> uint8 -> float32 (document 000's "JPEG => PIL => uint8 =>
-float32"), decoding with torchvision.io, the faster of it and Pillow here (see `codecs.decode`).
+float32"), decoding JPEG with torchvision.io and PNG with Pillow, the fastest decoder of each that
+a damaged file cannot crash (see `codecs.decode`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +23,7 @@ from loadbench.formats.base import (
     SplitWriter,
     register_format,
 )
+from loadbench.storefiles import NPY_ERRORS
 
 
 def class_dirs(classes: list[str]) -> list[str]:
@@ -88,23 +89,33 @@ class FilesWriter(SplitWriter):
         extras = {"class_dirs": self.class_dirs, "name_width": self.width, "extension": self.ext}
         return {**extras, "labels": self.labels}  # `join` writes labels.npy of the whole split
 
+    def abort(self):
+        if self.pool:  # no thread goes on writing files into a store being removed
+            self.pool.shutdown(cancel_futures=True)
+
 
 class FilesReader(SplitReader):
     def __init__(self, root, manifest, split):
         super().__init__(root, manifest, split)
         info = manifest.splits[split].model_extra
         self.dir = os.path.join(root, split)
-        self.class_dirs = info["class_dirs"]
-        self.width = info["name_width"]
-        self.ext = info["extension"]
+        self.class_dirs = info.get("class_dirs")
+        self.width = info.get("name_width")
+        self.ext = info.get("extension")
+        if not _is_layout(self.class_dirs, self.width, self.ext, len(manifest.classes)):
+            layout = f"{self.class_dirs!r}, name_width {self.width!r}, extension {self.ext!r}"
+            raise self._damaged(f"the manifest's file layout of {split}", f"class_dirs {layout}")
 
     def _open(self):
+        rel = f"{self.split}/labels.npy"
         try:
-            labels = np.load(io.BytesIO(self.files.read(f"{self.split}/labels.npy")))
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"{self.split}/labels.npy", e) from None
-        if len(labels) != self.count:
-            raise self._damaged(f"{self.split}/labels.npy", f"{len(labels)} labels")
+            labels = self.files.read_npy(rel)
+        except NPY_ERRORS as e:
+            raise self._damaged(rel, e) from None
+        if labels.shape != (self.count,) or labels.dtype.kind not in "iu":
+            raise self._damaged(rel, f"{labels.shape} {labels.dtype}, not {self.count} labels")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(self.class_dirs):
+            raise self._damaged(rel, f"labels outside 0..{len(self.class_dirs) - 1}")
         return labels
 
     def path(self, index: int, label: int) -> str:
@@ -135,10 +146,27 @@ class FilesReader(SplitReader):
         return out, labels
 
     def _decode(self, data: bytes, rel: str) -> np.ndarray:
+        h, w, c = self.image_shape
         try:
-            return codecs.decode(data, self.image_shape[2])
-        except (OSError, ValueError, SyntaxError) as e:
-            raise self._damaged(f"cannot read {rel}", e) from None
+            return codecs.decode(data, c, (h, w))
+        except codecs.BadImage as e:
+            raise self._damaged(f"cannot decode {rel}", e) from None
+
+
+def _is_layout(class_dirs, width, ext, classes: int) -> bool:
+    """Whether a manifest's file layout is one `FilesWriter` writes: paths made of it stay in
+    the store, whatever a damaged or hostile manifest says."""
+    return (
+        isinstance(class_dirs, list)
+        and len(class_dirs) == classes
+        and all(isinstance(d, str) and _SAFE_NAME.fullmatch(d) and d.strip(".") for d in class_dirs)
+        and type(width) is int
+        and 1 <= width <= 20
+        and ext in codecs.EXTENSIONS.values()
+    )
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class _FilesFormat(Format):

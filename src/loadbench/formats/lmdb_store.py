@@ -87,6 +87,9 @@ class LmdbWriter(SplitWriter):
             os.remove(lock)  # readers open lock-free; a stale lock file is not part of the store
         return {}
 
+    def abort(self):
+        self.env.close()  # the write transaction that failed was aborted as it left `with`
+
 
 class LmdbReader(SplitReader):
     def _open(self):

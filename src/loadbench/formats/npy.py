@@ -11,8 +11,12 @@ import os
 
 import numpy as np
 
+from loadbench.errors import reserve
 from loadbench.formats.base import Format, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.formats.pixels import DTYPES
+from loadbench.storefiles import NPY_ERRORS
+
+NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
 
 
 class NpyWriter(SplitWriter):
@@ -34,6 +38,7 @@ class NpyWriter(SplitWriter):
         shape = (layout.count, *layout.image_shape)
         np.lib.format.open_memmap(images, mode="w+", dtype=DTYPES[layout.dtype], shape=shape)
         np.lib.format.open_memmap(labels, mode="w+", dtype=np.int64, shape=(layout.count,))
+        reserve([images, labels], "converting into")  # a full disk: an error, not a SIGBUS
 
     @classmethod
     def join(cls, layout: SplitLayout, parts: list[dict]) -> dict:
@@ -75,16 +80,23 @@ class NpyReader(SplitReader):
     def _open(self):
         files = self.files
         names = f"{self.split}_images.npy", f"{self.split}_labels.npy"
-        try:
-            if files.has_local_files:  # a memory map of the file or of its cached copy
-                images, labels = (np.load(files.local_path(n), mmap_mode="r") for n in names)
-            else:  # object storage: rows read by byte ranges
-                images = RangeArray(files, names[0])
-                labels = np.load(io.BytesIO(files.read(names[1])))
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"{self.split} arrays cannot be mapped", e) from None
-        if images.shape != (self.count, *self.image_shape) or len(labels) != self.count:
-            raise self._damaged(f"{self.split} arrays have shape {images.shape}", "wrong shape")
+        arrays = []
+        for name in names:
+            try:
+                files.check_npy(name)  # a damaged header must not size the map or a read
+                if files.has_local_files:  # a memory map of the file or of its cached copy
+                    arrays.append(np.load(files.local_path(name), mmap_mode="r"))
+                elif name == names[0]:  # object storage: rows read by byte ranges
+                    arrays.append(RangeArray(files, name))
+                else:
+                    arrays.append(files.read_npy(name))
+            except NPY_ERRORS as e:
+                raise self._damaged(f"{name} cannot be mapped", e) from None
+        images, labels = arrays
+        fortran = hasattr(images, "flags") and not images.flags.c_contiguous  # (RangeArray: C)
+        check_arrays(
+            self, names, (images.shape, images.dtype, fortran), (labels.shape, labels.dtype, False)
+        )
         return {"images": images, "labels": labels}
 
     def labels(self) -> np.ndarray:
@@ -104,6 +116,35 @@ class NpyReader(SplitReader):
 
     def close(self) -> None:
         self._handle = None  # memmaps unmap when the last reference goes
+
+
+def npy_header(files, rel: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran order) of a `.npy` file of the store, read from its header; one of
+    `NPY_ERRORS` when it is no `.npy` file, or its header does not describe exactly its bytes."""
+    files.check_npy(rel)
+    f = io.BytesIO(files.read_ranges([rel], [0], [NPY_HEAD])[0])
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), dtype, fortran
+
+
+def check_arrays(reader: SplitReader, names: tuple[str, str], images: tuple, labels: tuple):
+    """The damaged-store error unless the split's images, (shape, dtype, fortran order) from
+    their header, are (count, *image_shape) in the store's dtype and C order, and its labels
+    `count` int64s: a flipped bit in a header can call the same bytes another dtype."""
+    shape, dtype, fortran = images
+    want = (reader.count, *reader.image_shape)
+    if tuple(shape) != want or dtype != DTYPES[reader.dtype] or fortran:
+        order = " in Fortran order" if fortran else ""
+        raise reader._damaged(
+            names[0], f"holds {tuple(shape)} {dtype}{order}, not {want} {reader.dtype}"
+        )
+    shape, dtype, fortran = labels
+    if tuple(shape) != (reader.count,) or dtype != np.int64:
+        raise reader._damaged(names[1], f"holds {tuple(shape)} {dtype}, not {reader.count} int64")
 
 
 class RangeArray:

@@ -8,7 +8,6 @@ the shards, an index of where each image's bytes start in which shard, so that a
 
 from __future__ import annotations
 
-import io
 import os
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.formats import codecs
 from loadbench.formats.base import Format, Option, SplitReader
+from loadbench.storefiles import NPY_ERRORS
 
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i8")])
 
@@ -58,22 +58,40 @@ def save_index(root: str, split: str, index: np.ndarray) -> None:
     np.save(os.path.join(root, f"{split}-index.npy"), index)
 
 
+class BadRecord(ValueError):
+    """The bytes an index entry points at are no record of the format (a reader's
+    `payload_of` or `decode_raw` says what is wrong; `read_items` names the shard)."""
+
+
 class ShardReader(SplitReader):
     """Random access through the index: one `pread` per image, shard files opened lazily."""
 
     shard_names: list[str]
+    # What `payload_of` and `decode_payload` raise for damaged bytes (a format adds its
+    # library's); `read_items` turns them into the damaged-store error naming the shard.
+    record_errors: ClassVar[tuple[type[Exception], ...]] = (ValueError,)  # BadImage, BadRecord
 
     def __init__(self, root, manifest, split):
         super().__init__(root, manifest, split)
-        self.shard_names = manifest.splits[split].model_extra["shards"]
+        shards = manifest.splits[split].model_extra.get("shards")
+        # Shards are files the manifest lists (with their sizes): names that stay in the store.
+        if not isinstance(shards, list) or not all(
+            isinstance(name, str) and name in manifest.files for name in shards
+        ):
+            raise self._damaged(f"the manifest's {split} shards", f"{shards!r:.100}")
+        self.shard_names = shards
+        self.shard_sizes = np.array([manifest.files[name] for name in shards], dtype=np.int64)
 
     def _open(self):
+        rel = f"{self.split}-index.npy"
         try:
-            index = np.load(io.BytesIO(self.files.read(f"{self.split}-index.npy")))
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"{self.split}-index.npy", e) from None
-        if len(index) != self.count:
-            raise self._damaged(f"{self.split}-index.npy", f"{len(index)} entries")
+            index = self.files.read_npy(rel)
+        except NPY_ERRORS as e:
+            raise self._damaged(rel, e) from None
+        if index.dtype != INDEX_DTYPE or index.shape != (self.count,):
+            raise self._damaged(rel, f"{index.shape} {index.dtype}, not {self.count} entries")
+        if problem := _index_problem(index, self.shard_sizes):
+            raise self._damaged(rel, problem)
         return {"index": index, "fds": {}}
 
     def labels(self) -> np.ndarray:
@@ -86,22 +104,21 @@ class ShardReader(SplitReader):
             try:
                 fds[shard] = os.open(path, os.O_RDONLY)
             except OSError as e:
-                raise self._damaged(f"shard {self.shard_names[shard]}", e) from None
+                raise self._damaged(self.shard_names[shard], e) from None
         return fds[shard]
 
     def payload(self, entry) -> bytes:
         data = os.pread(self._fd(int(entry["shard"])), int(entry["size"]), int(entry["offset"]))
         if len(data) != entry["size"]:
-            raise self._damaged(f"shard {self.shard_names[int(entry['shard'])]}", "truncated")
+            raise self._damaged(self._where(entry), "truncated")
         return data
 
     def decode_payload(self, data: bytes, encoding: str) -> np.ndarray:
-        try:
-            if encoding in ("png", "jpeg"):
-                return codecs.decode(data, self.image_shape[2])
-            return self.decode_raw(data)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise self._damaged("an image cannot be decoded", e) from None
+        """The image of a record's payload; one of `record_errors` when it is damaged (or
+        holds an image of another size than the store's)."""
+        if encoding in ("png", "jpeg"):
+            return codecs.decode(data, self.image_shape[2], self.image_shape[:2])
+        return self.decode_raw(data)
 
     def decode_raw(self, data: bytes) -> np.ndarray:
         raise NotImplementedError
@@ -109,6 +126,10 @@ class ShardReader(SplitReader):
     def payload_of(self, data: bytes) -> bytes:
         """The image bytes inside what the index points at (the whole record by default)."""
         return data
+
+    def _where(self, entry) -> str:
+        """The shard and the place in it of an index entry's record, for errors."""
+        return f"{self.shard_names[int(entry['shard'])]} (record at byte {int(entry['offset'])})"
 
     def payloads(self, entries) -> list[bytes]:
         """The records of `entries`: `pread`s of local shards (or their cached copies), or the
@@ -119,9 +140,9 @@ class ShardReader(SplitReader):
         starts = [int(e["offset"]) for e in entries]
         stops = [int(e["offset"] + e["size"]) for e in entries]
         data = self.files.read_ranges(names, starts, stops)
-        for name, chunk, entry in zip(names, data, entries, strict=True):
+        for chunk, entry in zip(data, entries, strict=True):
             if len(chunk) != entry["size"]:
-                raise self._damaged(f"shard {name}", "truncated")
+                raise self._damaged(self._where(entry), "truncated")
         return data
 
     def read_items(self, indices):
@@ -129,7 +150,10 @@ class ShardReader(SplitReader):
         out = self._empty(len(indices))
         encoding = self.options["encoding"]
         for k, data in enumerate(self.payloads(entries)):
-            out[k] = self.decode_payload(self.payload_of(data), encoding)
+            try:
+                out[k] = self.decode_payload(self.payload_of(data), encoding)
+            except self.record_errors as e:
+                raise self._damaged(self._where(entries[k]), e) from None
         return out, entries["label"].astype(np.int64)
 
     def close(self):
@@ -137,3 +161,16 @@ class ShardReader(SplitReader):
         if handle is not None and self._pid == os.getpid():
             for fd in handle["fds"].values():
                 os.close(fd)
+
+
+def _index_problem(index: np.ndarray, shard_sizes: np.ndarray) -> str | None:
+    """What in a split's index points outside its shards (whose sizes the manifest says): a
+    damaged index must not make a read seek, or allocate, where no record is."""
+    if not len(index):
+        return None
+    shard, offset, size = index["shard"], index["offset"], index["size"]
+    if shard.min() < 0 or shard.max() >= len(shard_sizes):
+        return f"shard numbers {shard.min()}..{shard.max()}, {len(shard_sizes)} shards"
+    if offset.min() < 0 or size.min() < 0 or (offset > shard_sizes[shard] - size).any():
+        return "records outside their shards"
+    return None

@@ -14,8 +14,9 @@ import io
 import numpy as np
 
 from loadbench.formats.base import Format, SplitReader, register_format
-from loadbench.formats.npy import NpyWriter
+from loadbench.formats.npy import NpyWriter, check_arrays, npy_header
 from loadbench.formats.pixels import to_tensor
+from loadbench.storefiles import NPY_ERRORS
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -52,17 +53,21 @@ class TensorReader(SplitReader):
 
     def _open(self):
         device = choose_device(self.device)
-        try:
-            images, labels = (
-                load_resident(self._npy(f"{self.split}_{part}.npy"), device)
-                for part in ("images", "labels")
-            )
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"{self.split} arrays cannot be loaded", e) from None
-        if tuple(images.shape) != (self.count, *self.image_shape):
-            raise self._damaged(
-                f"{self.split} images have shape {tuple(images.shape)}", "wrong shape"
-            )
+        names = f"{self.split}_images.npy", f"{self.split}_labels.npy"
+        headers = []
+        for name in names:  # checked before a byte is loaded: a damaged header sizes the load
+            try:
+                headers.append(npy_header(self.files, name))
+            except NPY_ERRORS as e:
+                raise self._damaged(f"{name} cannot be loaded", e) from None
+        check_arrays(self, names, *headers)
+        arrays = []
+        for name in names:
+            try:
+                arrays.append(load_resident(self._npy(name), device))
+            except NPY_ERRORS as e:
+                raise self._damaged(f"{name} cannot be loaded", e) from None
+        images, labels = arrays
         return {"images": images, "labels": labels, "device": images.device}
 
     def _npy(self, rel: str):

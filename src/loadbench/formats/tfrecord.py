@@ -10,6 +10,7 @@ Reading checks both CRCs of every record.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -20,6 +21,7 @@ from loadbench.formats.pixels import DTYPES
 from loadbench.formats.records import (
     INDEX_DTYPE,
     SHARD_OPTION,
+    BadRecord,
     RecordFormat,
     ShardReader,
     encode_image,
@@ -112,22 +114,31 @@ class TfRecordWriter(SplitWriter):
         self._close_shard()
         return {"shards": self.names, "index": self.index}  # `join` saves the split's index
 
+    def abort(self):
+        if self.writer is not None:
+            with contextlib.suppress(OSError):  # its buffer's flush fails again on a full disk
+                self.writer.file.close()
+
 
 class TfRecordReader(ShardReader):
     def payload_of(self, record: bytes) -> bytes:
+        from google.protobuf.message import DecodeError
         from tfrecord import example_pb2
 
-        (length,) = struct.unpack("<Q", record[:8])
-        (length_crc,) = struct.unpack("<I", record[8:12])
+        if len(record) < 16:
+            raise BadRecord(f"{len(record)} bytes, no record")
+        length, length_crc = struct.unpack_from("<QI", record)
+        if length != len(record) - 16:
+            raise BadRecord(f"a record of {length} bytes in {len(record) - 16} (length damaged)")
         proto = record[12 : 12 + length]
-        (data_crc,) = struct.unpack("<I", record[12 + length : 16 + length])
+        (data_crc,) = struct.unpack_from("<I", record, 12 + length)
         if masked_crc(record[:8]) != length_crc or masked_crc(proto) != data_crc:
-            raise self._damaged(f"a record of {self.split}", "CRC mismatch")
+            raise BadRecord("CRC mismatch")
         try:
             example = example_pb2.Example.FromString(proto)
             return example.features.feature["image/encoded"].bytes_list.value[0]
-        except Exception as e:  # protobuf's DecodeError, or a missing feature
-            raise self._damaged(f"a record of {self.split}", e) from None
+        except (DecodeError, IndexError) as e:  # not an Example, or one without an image
+            raise BadRecord(f"no tf.train.Example with an image/encoded: {e}") from None
 
     def decode_raw(self, data: bytes) -> np.ndarray:
         return np.frombuffer(data, dtype=DTYPES[self.dtype]).reshape(self.image_shape)

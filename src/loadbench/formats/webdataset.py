@@ -7,22 +7,27 @@ access an index of member offsets is kept beside the shards.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
 
 import numpy as np
 
+from loadbench.formats import codecs
 from loadbench.formats.base import SplitLayout, SplitWriter, register_format
+from loadbench.formats.pixels import DTYPES
 from loadbench.formats.records import (
     INDEX_DTYPE,
     SHARD_OPTION,
+    BadRecord,
     RecordFormat,
     ShardReader,
     encode_image,
     encoding_options,
     save_index,
 )
+from loadbench.storefiles import NPY_ERRORS
 
 EXTENSION = {"npy": "npy", "png": "png", "jpeg": "jpg"}
 
@@ -75,6 +80,19 @@ class WebDatasetWriter(SplitWriter):
         index = _scan(self.layout.root, self.shards, self.first_shard)
         return {"shards": self.shards, "index": index}  # `join` saves the split's index
 
+    def abort(self):
+        """Close the open shard's file without finishing the tar: tarfile's stream would
+        otherwise flush it again when collected, and print a traceback as it fails."""
+        shard = getattr(self.writer, "tarstream", None)  # webdataset's TarWriter
+        if shard is None:
+            return
+        shard.tarstream.closed = True  # the TarFile
+        shard.tarstream.fileobj.closed = True  # its _Stream, whose __del__ would close it
+        if shard.own_fileobj is not None:
+            with contextlib.suppress(OSError):
+                shard.own_fileobj.close()
+        self.writer.tarstream = None
+
 
 def _npy_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -102,8 +120,20 @@ def _scan(root: str, shards: list[str], first: int = 0) -> np.ndarray:
 
 
 class WebDatasetReader(ShardReader):
+    record_errors = (*NPY_ERRORS, codecs.BadImage)  # a `.npy` member's header is a literal
+
     def decode_raw(self, data: bytes) -> np.ndarray:
-        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        """A `.npy` member's image: its header must say the store's image shape and dtype (it is
+        checked before the pixels are read), and the bytes after it hold them."""
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if shape != self.image_shape or dtype != DTYPES[self.dtype] or fortran:
+            raise BadRecord(f"a .npy of {shape} {dtype}, not {self.image_shape} {self.dtype}")
+        return np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape)
 
 
 @register_format

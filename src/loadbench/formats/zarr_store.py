@@ -7,9 +7,11 @@ one image at a time decodes a whole chunk per image (the cost the benchmark show
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -122,25 +124,49 @@ def _array_chunk(layout: SplitLayout) -> int:
     return min(chunk, max(layout.count, 1))
 
 
+# What zarr raises for damaged bytes: its errors (ValueError, OSError and IndexError kinds), JSON
+# metadata that does not parse (ValueError) or holds other keys and types than it expects (its
+# metadata classes are built with `cls(**data)`: TypeError, KeyError), numcodecs' decompressors
+# (RuntimeError), and a damaged zip (zipfile's BadZipFile, EOFError for a member cut short, and
+# its decompressors' errors for a member whose header says it is compressed).
+ZARR_ERRORS = (
+    OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError, EOFError,
+    zipfile.BadZipFile, zlib.error, lzma.LZMAError,
+)  # fmt: skip
+
+
 class ZarrReader(ChunkedArrayReader):
-    read_errors = (OSError, ValueError, RuntimeError)  # codecs raise their own kinds
+    read_errors = ZARR_ERRORS
+
+    def images_path(self) -> str:
+        return f"{ZIP if self.options['store'] == 'zip' else DIRECTORY}/{self.split}/images"
 
     def _open_arrays(self):
         import zarr
         from zarr.storage import ZipStore
 
         zipped = self.options["store"] == "zip"
+        images_path = self.images_path()
+        labels_path = images_path.removesuffix("images") + "labels"
         try:
             if zipped:  # a remote zip is read from its read-through copy
                 store = ZipStore(self.files.local_path(ZIP), mode="r")
             else:  # a directory, or fsspec's store for object storage
                 store = zarr_store(self.files, DIRECTORY)
             group = zarr.open_group(store, mode="r")
-            images, labels = group[self.split]["images"], group[self.split]["labels"][:]
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise self._damaged("the zarr group cannot be opened", e) from None
-        if images.shape != (self.count, *self.image_shape):
-            raise self._damaged(f"{self.split}/images has shape {images.shape}", "wrong shape")
+            images = group[self.split]["images"]
+        except ZARR_ERRORS as e:
+            raise self._damaged(f"{images_path} cannot be opened", e) from None
+        try:
+            labels = group[self.split]["labels"][:]
+        except ZARR_ERRORS as e:
+            raise self._damaged(f"{labels_path} cannot be read", e) from None
+        if not isinstance(images, zarr.Array) or images.shape != (self.count, *self.image_shape):
+            raise self._damaged(images_path, f"shape {getattr(images, 'shape', None)}, wrong shape")
+        if images.dtype != DTYPES[self.dtype]:
+            raise self._damaged(images_path, f"dtype {images.dtype}")
+        if labels.shape != (self.count,) or labels.dtype.kind not in "iu":
+            raise self._damaged(labels_path, f"{labels.shape} {labels.dtype}, not labels")
         return {"store": store, "images": images, "labels": labels}
 
 

@@ -6,6 +6,8 @@ https://huggingface.co/docs/datasets/use_with_pytorch
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 
 import numpy as np
@@ -83,39 +85,103 @@ class HfDatasetsWriter(SplitWriter):
         return {}
 
 
+# state.json's format as `save_to_disk` writes it for `HfDatasetsWriter`'s dataset: no other
+# formatter (another would import its framework) than the ones the reader asks for.
+STATE_FORMAT = {
+    "_format_type": None, "_format_kwargs": {}, "_format_columns": None,
+    "_output_all_columns": False,
+}  # fmt: skip
+
+
+@functools.cache
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets` raises for a damaged dataset folder: JSON that does not parse
+    (ValueError) or lacks the keys and types it reads (KeyError, TypeError, AttributeError: it
+    calls dict methods on what the JSON holds), Arrow's errors on a damaged Arrow file, and
+    Pillow's on a damaged PNG (the Image feature decodes with Pillow)."""
+    import pyarrow
+
+    return (
+        OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+        pyarrow.ArrowException, *codecs.pil_errors(),
+    )  # fmt: skip
+
+
 class HfDatasetsReader(SplitReader):
     """`load_from_disk` (memory-mapped Arrow); samples through `with_format("torch")`."""
 
+    def __init__(self, root, manifest, split):
+        super().__init__(root, manifest, split)
+        self.classes = manifest.classes
+        self.file_sizes = manifest.files
+
     def _open(self):
         datasets = _import_datasets()
+        arrow = ", ".join(self._check_state())
         path = os.path.join(self.root, self.split)
         try:
             with _quiet_datasets(datasets):
                 dataset = datasets.load_from_disk(path)
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"load_from_disk({path})", e) from None
+        except _read_errors() as e:
+            raise self._damaged(f"{self.split}/dataset_info.json or {arrow}", e) from None
+        layout = SplitLayout(self.root, self.split, self.count, self.image_shape, self.dtype,
+                             self.options, self.classes)  # fmt: skip
+        if dataset.features != _hf_features(datasets, layout):
+            raise self._damaged(f"{self.split}/dataset_info.json", f"features {dataset.features}")
         if len(dataset) != self.count:
-            raise self._damaged(self.split, f"{len(dataset)} rows")
+            raise self._damaged(f"{self.split}/", f"{len(dataset)} rows")
         return {
             "dataset": dataset,
             "torch": dataset.with_format("torch"),
             "numpy": dataset.with_format("numpy"),
+            "arrow": arrow,  # the Arrow files, for errors
         }
+
+    def _check_state(self) -> list[str]:
+        """The Arrow files of the split that state.json names: files the store lists. And
+        state.json names no formatter."""
+        rel = f"{self.split}/state.json"
+        try:
+            state = json.loads(self.files.read(rel))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are both
+            raise self._damaged(rel, e) from None
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        names = [f.get("filename") if isinstance(f, dict) else None for f in files or [None]]
+        if not all(isinstance(n, str) and f"{self.split}/{n}" in self.file_sizes for n in names):
+            raise self._damaged(rel, f"data files {files!r:.80} that the store does not list")
+        if any(state.get(key, "absent") != want for key, want in STATE_FORMAT.items()):
+            raise self._damaged(rel, "a format that the store was not saved with")
+        return [f"{self.split}/{name}" for name in names]
 
     def labels(self) -> np.ndarray:
         # The Arrow column itself: no image is decoded.
-        return self.handle["dataset"].data.column("label").to_numpy().astype(np.int64)
+        h = self.handle
+        try:
+            labels = h["dataset"].data.column("label").to_numpy()
+        except _read_errors() as e:
+            raise self._damaged(f"{h['arrow']} (labels)", e) from None
+        return labels.astype(np.int64)
 
     def read_items(self, indices):
-        rows = self.handle["numpy"][np.asarray(indices, dtype=np.int64)]
-        images = np.asarray(rows["image"])
+        h = self.handle
+        try:
+            rows = h["numpy"][np.asarray(indices, dtype=np.int64)]
+            images, labels = np.asarray(rows["image"]), np.asarray(rows["label"], dtype=np.int64)
+        except _read_errors() as e:
+            raise self._damaged(f"{h['arrow']} (rows)", e) from None
         if images.ndim == 3:  # grayscale PNG decodes to (n, H, W)
             images = images[..., None]
+        if images.shape != (len(indices), *self.image_shape) or images.dtype.kind not in "iu":
+            raise self._damaged(f"{h['arrow']} (rows)", f"images of {images.shape} {images.dtype}")
         # The numpy (and torch) formatter widens integer arrays to int64; PNG images stay uint8.
-        return images.astype(np.uint8, copy=False), np.asarray(rows["label"], dtype=np.int64)
+        return images.astype(np.uint8, copy=False), labels
 
     def samples(self, indices):
-        rows = self.handle["torch"].__getitems__([int(i) for i in indices])
+        h = self.handle
+        try:  # the Image feature decodes with Pillow: a damaged or hostile PNG raises here
+            rows = h["torch"].__getitems__([int(i) for i in indices])
+        except _read_errors() as e:
+            raise self._damaged(f"{h['arrow']} (rows)", codecs.pil_message(e)) from None
         return [(self._image_tensor(row["image"]), int(row["label"])) for row in rows]
 
     def _image_tensor(self, image):

@@ -69,14 +69,33 @@ class ImageFolderReader(FilesReader):
             path = folder.samples[h["positions"][index]][0]
             try:
                 image = np.asarray(folder.loader(path), dtype=np.uint8)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise self._damaged(f"cannot read {path}", e) from None
-            out[k] = image[:, :, None] if image.ndim == 2 else image
+            except codecs.pil_errors() as e:  # a decompression bomb is refused, from its header
+                raise self._damaged(
+                    f"cannot read {self._rel(path)}", codecs.pil_message(e)
+                ) from None
+            if image.ndim == 2:
+                image = image[:, :, None]
+            if image.shape != self.image_shape:
+                raise self._damaged(f"cannot read {self._rel(path)}", f"an image of {image.shape}")
+            out[k] = image
         return out, h["labels"][indices]
+
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
 
     def samples(self, indices):
         h = self.handle
-        return [h["folder"][int(h["positions"][i])] for i in indices]
+        folder, out = h["folder"], []
+        for i in indices:
+            position = int(h["positions"][i])
+            try:
+                out.append(folder[position])
+            except codecs.pil_errors() as e:
+                path = folder.samples[position][0]
+                raise self._damaged(
+                    f"cannot read {self._rel(path)}", codecs.pil_message(e)
+                ) from None
+        return out
 
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
         from loadbench.peers._pipeline import map_style_loader

@@ -5,14 +5,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import shutil
+import struct
 
 import numpy as np
 
+from loadbench.errors import reserve
 from loadbench.formats.base import Option, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.peers._base import PeerFormat, loader_args, refuse_balance, subset
+from loadbench.storefiles import NPY_ERRORS
 
 
 def _import_litdata():
@@ -70,6 +74,7 @@ class LitdataWriter(SplitWriter):
         self.scratch = os.path.join(layout.root, f".{layout.split}-pixels.npy")
         shape = (layout.count, *layout.image_shape)
         self.pixels = np.lib.format.open_memmap(self.scratch, "w+", np.uint8, shape)
+        reserve([self.scratch], "converting into")  # a full disk: an error, not a SIGBUS
         self.labels = np.empty(layout.count, dtype=np.int64)
         self.pos = 0
 
@@ -114,21 +119,55 @@ class _LitdataSample:
         return self.sample(item["image"], item["label"], item["index"])
 
 
+# What litdata raises for a damaged chunk or index.json: its own checks of a chunk's header
+# (RuntimeError), a chunk it waits for and never finds (ChunkWaitTimeoutError, an OSError),
+# index.json without the keys and types it reads (KeyError, TypeError, IndexError), and its
+# deserializers' errors on damaged item bytes (struct.error, numpy's ValueError, KeyError for an
+# unknown dtype code).
+LITDATA_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, struct.error)
+# index.json's settings as `LitdataWriter` makes them: items deserialized from plain bytes (no
+# pickle, no decompression, no decryption), read by the loader it names.
+INDEX_CONFIG = {
+    "data_format": ["int", "numpy", "int"], "item_loader": "PyTreeLoader", "compression": None,
+    "compression_level": None, "encryption": None, "ipc_compression": None, "format": None,
+}  # fmt: skip
+
+
 class LitdataReader(SplitReader):
     def __init__(self, root, manifest, split):
         super().__init__(root, manifest, split)
         self.dir = os.path.join(root, split)
+        self.file_sizes = manifest.files
 
     def _open(self):
         litdata = _import_litdata()
+        rel = f"{self.split}/index.json"
+        try:
+            index = json.loads(self.files.read(rel))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are both
+            raise self._damaged(rel, e) from None
+        if problem := _index_problem(index, self.split, self.count, self.file_sizes):
+            raise self._damaged(rel, problem)
+        labels_rel = f"{self.split}/labels.npy"
+        try:
+            labels = self.files.read_npy(labels_rel)
+        except NPY_ERRORS as e:
+            raise self._damaged(labels_rel, e) from None
+        if labels.shape != (self.count,) or labels.dtype != np.int64:
+            raise self._damaged(
+                labels_rel, f"{labels.shape} {labels.dtype}, not {self.count} int64"
+            )
         try:
             dataset = litdata.StreamingDataset(self.dir)
-            labels = np.load(os.path.join(self.dir, "labels.npy"))
-        except (OSError, ValueError) as e:
-            raise self._damaged(f"litdata chunks in {self.dir}", e) from None
-        if len(dataset) != self.count or len(labels) != self.count:
-            raise self._damaged(self.split, f"{len(dataset)} items, {len(labels)} labels")
-        return {"dataset": dataset, "labels": labels}
+            items = len(dataset)  # reads index.json
+        except LITDATA_ERRORS as e:
+            raise self._damaged(rel, e) from None
+        if items != self.count:
+            raise self._damaged(rel, f"{items} items")
+        chunks = index["chunks"]  # for errors: the chunk file of an item
+        ends = np.cumsum([chunk["chunk_size"] for chunk in chunks])
+        names = [f"{self.split}/{chunk['filename']}" for chunk in chunks]
+        return {"dataset": dataset, "labels": labels, "chunk_ends": ends, "chunk_names": names}
 
     def labels(self) -> np.ndarray:
         return self.handle["labels"].astype(np.int64)
@@ -137,13 +176,25 @@ class LitdataReader(SplitReader):
         dataset, out = self.handle["dataset"], self._empty(len(indices))
         labels = np.empty(len(indices), dtype=np.int64)
         for k, index in enumerate(indices):
-            item = dataset[int(index)]
-            if item["index"] != index:
-                raise self._damaged(self.split, f"item {index} holds sample {item['index']}")
-            image = np.asarray(item["image"])
-            out[k] = image[:, :, None] if image.ndim == 2 else image
-            labels[k] = item["label"]
+            try:
+                item = dataset[int(index)]
+                found, image, labels[k] = item["index"], np.asarray(item["image"]), item["label"]
+            except LITDATA_ERRORS as e:
+                raise self._damaged(self._where(index), e) from None
+            if image.ndim == 2:
+                image = image[:, :, None]
+            if found != index or image.shape != self.image_shape or image.dtype != np.uint8:
+                raise self._damaged(
+                    self._where(index), f"it holds item {found!r:.20}, {image.shape} {image.dtype}"
+                )
+            out[k] = image
         return out, labels
+
+    def _where(self, index: int) -> str:
+        """The chunk file that holds item `index`, for errors."""
+        h = self.handle
+        chunk = int(np.searchsorted(h["chunk_ends"], index, side="right"))
+        return f"{h['chunk_names'][chunk]} (item {index})"
 
     def loader(self, order, *, access, batch_size, workers, pin_memory, augmenter):
         from loadbench.peers._pipeline import Sample, SharedEpoch, StreamEpochs
@@ -186,3 +237,27 @@ class LitdataPeer(PeerFormat):
     options = {"chunk_mb": Option(64, "megabytes per litdata chunk", kind=int, minimum=1)}
     writer_class = LitdataWriter
     reader_class = LitdataReader
+
+
+def _index_problem(index, split: str, count: int, sizes: dict[str, int]) -> str | None:
+    """What in a split's index.json is not as `LitdataWriter` wrote it: litdata would read other
+    files than the store's chunks (or wait for them), unpickle, decompress, or hold other
+    counts."""
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    config = index.get("config") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not isinstance(config, dict):
+        return "no chunks and config"
+    for key, want in INDEX_CONFIG.items():
+        if config.get(key) != want:
+            return f"config {key} is {config.get(key)!r:.40}, not {want!r}"
+    items = 0
+    for chunk in chunks:
+        name = chunk.get("filename") if isinstance(chunk, dict) else None
+        rel = f"{split}/{name}"
+        if not isinstance(name, str) or "/" in name or rel not in sizes:
+            return f"a chunk {name!r:.40} the store does not list"
+        size = chunk.get("chunk_size")
+        if type(size) is not int or size < 0 or chunk.get("chunk_bytes") != sizes[rel]:
+            return f"chunk {name} of {size!r:.20} items in {chunk.get('chunk_bytes')!r:.20} bytes"
+        items += size
+    return None if items == count else f"{items} items in its chunks, {count} in the split"

@@ -90,7 +90,7 @@ def load_results(path: str) -> Results:
     ok = [r for r in latest if r.status == "ok"]
     failed = [r for r in latest if r.status != "ok"]
     if unreadable:
-        notes.append(f"{unreadable} line(s) of {RUNS} are not run records and are left out")
+        notes.append(_unreadable_note(unreadable))
     if not latest:
         notes.append("no finished run yet: runs.jsonl is empty or missing")
     elif not ok:
@@ -103,6 +103,13 @@ def load_results(path: str) -> Results:
     if not env:
         notes.append("env.json is missing: the machine is not described")
     return Results(path, runs, epochs, failed, env, experiment, schema, notes)
+
+
+def _unreadable_note(lines: list[str], shown: int = 10) -> str:
+    """The lines of runs.jsonl left out, by number and why (the first `shown` of them)."""
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    listed = "; ".join(lines[:shown]) + more
+    return f"{len(lines)} line(s) of {RUNS} are not run records and are left out: {listed}"
 
 
 RUN_COLUMNS = [

@@ -5,19 +5,23 @@ the summary and per-dataset tables and plots, and the failed runs."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import yaml
 
+from loadbench.errors import explain_os_error
 from loadbench.report.data import CONFIG, Results, load_results, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
 from loadbench.report.tables import Table, aggregate, config_name, dataset_table, summary_table
-from loadbench.util import write_text_atomic
+from loadbench.util import interrupts_held, pid_alive
 
 
 @dataclass
@@ -253,19 +257,80 @@ def write_report(
     formats: tuple[str, ...] = ("md", "html"),
     compare: str | None = None,
 ) -> tuple[Report, dict[str, str]]:
-    """Build the report of `results_dir` into `out_dir` (default RESULTS_DIR/report)."""
+    """Build the report of `results_dir` into `out_dir` (default RESULTS_DIR/report), which is
+    all it writes.
+
+    The report appears whole or not at all: its plots and pages are made in a staging folder
+    in `out_dir` and moved into place with Ctrl-C held off, pages last (they are what says the
+    report is complete). An interrupted or failed report leaves the one before intact; a
+    killed one leaves a `.report.partial-PID` folder, which the next report removes.
+    """
     results = load_results(results_dir)
     other = load_results(compare) if compare else None
-    out_dir = os.path.abspath(out_dir or os.path.join(results.path, "report"))
-    os.makedirs(out_dir, exist_ok=True)
-    report = build(results, out_dir, other)
-    written = {}
-    if "md" in formats:
-        written["md"] = _write(os.path.join(out_dir, "report.md"), to_markdown(report, out_dir))
-    if "html" in formats:
-        written["html"] = _write(os.path.join(out_dir, "report.html"), to_html(report))
+    out = os.path.abspath(out_dir or os.path.join(results.path, "report"))
+    with _writing_report(out, default=out_dir is None):
+        os.makedirs(out, exist_ok=True)
+        _remove_stale_staging(out)
+        staging = os.path.join(out, f"{STAGING}{os.getpid()}")
+        try:
+            os.mkdir(staging)
+            report = build(results, staging, other)
+            pages = {}
+            if "md" in formats:
+                pages["md"] = _write(os.path.join(staging, "report.md"),
+                                     to_markdown(report, staging))  # fmt: skip
+            if "html" in formats:
+                pages["html"] = _write(os.path.join(staging, "report.html"), to_html(report))
+            written = _publish(report, staging, out, pages)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return report, written
 
 
+STAGING = ".report.partial-"
+
+
+def _publish(report: Report, staging: str, out: str, pages: dict[str, str]) -> dict[str, str]:
+    """Move the staged plots, then the pages, from `staging` into `out`; the plots of an
+    earlier report go (into `staging`, removed with it)."""
+    moved = {kind: os.path.join(out, os.path.basename(path)) for kind, path in pages.items()}
+    plots, staged_plots = os.path.join(out, "plots"), os.path.join(staging, "plots")
+    with interrupts_held():
+        if os.path.isdir(plots):
+            os.rename(plots, os.path.join(staging, "plots.old"))
+        if os.path.isdir(staged_plots):
+            os.rename(staged_plots, plots)
+        for kind, path in pages.items():
+            os.replace(path, moved[kind])
+    for section in report.sections:
+        section.images = {caption: os.path.join(out, os.path.relpath(path, staging))
+                          for caption, path in section.images.items()}  # fmt: skip
+    return moved
+
+
+def _remove_stale_staging(out: str) -> None:
+    """The staging folders of reports that were killed."""
+    for name in os.listdir(out):
+        pid = name.removeprefix(STAGING)
+        if name.startswith(STAGING) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing_report(out: str, default: bool) -> Iterator[None]:
+    """A place the report cannot be written (read-only, full, not a folder) as one error; at
+    the default place, inside the results directory, with the way out: --out."""
+    try:
+        yield
+    except OSError as e:
+        explained = explain_os_error(e, out, "writing the report to")
+        if explained is None:
+            raise
+        hint = "; or pass --out DIR to write the report elsewhere" if default else ""
+        raise type(explained)(f"{explained}{hint}") from None
+
+
 def _write(path: str, text: str) -> str:
-    return write_text_atomic(path, text)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

@@ -76,9 +76,11 @@ def _first_size(paths: list[str], skip_corrupt: bool) -> tuple[int, int]:
     for path in paths if skip_corrupt else paths[:1]:
         try:
             return image_size(path)
-        except LoadbenchError:
+        except LoadbenchError as e:
             if not skip_corrupt:
-                raise
+                raise LoadbenchError(
+                    f"{e}, or pass --skip-corrupt to skip unreadable images"
+                ) from None
     raise LoadbenchError(f"none of the {len(paths)} images can be read (first: {paths[0]})")
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from loadbench.errors import LoadbenchError
+from loadbench.formats import codecs
 from loadbench.sources.raw import OriginalSizes, RawSplit
 
 # The extensions torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
@@ -40,17 +41,17 @@ def read_image(path: str, size: tuple[int, int], channels: int) -> np.ndarray:
     Images already of the target size pass through untouched, so an image tree written by
     loadbench reads back bit for bit.
     """
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        # Pillow tries every format it knows, as ImageFolder's loader does; an image over
+        # Pillow's pixel limit (a decompression bomb) is refused from its header, unread.
+        with codecs.open_image(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
             if (im.height, im.width) != size:
                 im = _resize_center_crop(im, size)
             arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except codecs.pil_errors() as e:
         raise LoadbenchError(
-            f"cannot decode image {path}: {e}; replace or remove the file, "
+            f"cannot decode image {path}: {codecs.pil_message(e)}; replace or remove the file, "
             "or pass --skip-corrupt to skip unreadable images"
         ) from None
     return arr[:, :, None] if arr.ndim == 2 else arr
@@ -76,13 +77,13 @@ def _resize_center_crop(im, size: tuple[int, int]):
 
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        with codecs.open_image(path) as im:
             return im.height, im.width
-    except (OSError, ValueError, SyntaxError) as e:
-        raise LoadbenchError(f"cannot read image {path}: {e}") from None
+    except codecs.pil_errors() as e:
+        raise LoadbenchError(
+            f"cannot read image {path}: {codecs.pil_message(e)}; replace or remove the file"
+        ) from None
 
 
 def _threads() -> int:

@@ -7,9 +7,11 @@ and `checkpoint.pt` (+ `best.pt` with early stopping) to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import shutil
 import statistics
 import time
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from loadbench import progress
-from loadbench.errors import LoadbenchError
+from loadbench.errors import LoadbenchError, OutOfSpaceError, writable_folder
 from loadbench.store import Store
 from loadbench.training import checkpoint as ckpt
 from loadbench.training.batches import make_batches
@@ -53,9 +55,28 @@ def train(
         raise LoadbenchError(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
+    made = writable_folder(out, "writing the run to") if is_main_process() else False
     store = store if store is not None else open_run_data(config)
-    with Run(config, store, plan=plan, out_dir=out, callbacks=callbacks) as run:
+    with (
+        _full_disk_kept_or_removed(out, made),
+        Run(config, store, plan=plan, out_dir=out, callbacks=callbacks) as run,
+    ):
         return _train(run, config, out, resume)
+
+
+@contextlib.contextmanager
+def _full_disk_kept_or_removed(out: str, made_here: bool):
+    """A run that fills the disk leaves its directory only if there is a checkpoint in it to
+    resume from (the error then says so); a directory this run made and nothing to resume is
+    removed."""
+    try:
+        yield
+    except OutOfSpaceError as e:
+        if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            e.args = (f"{e}; the run so far is kept: continue it with --resume {out}",)
+        elif made_here and is_main_process():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _train(run: Run, config: TrainConfig, out: str, resume: bool) -> RunResult:
