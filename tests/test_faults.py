@@ -328,3 +328,26 @@ def test_ctrl_c_during_verify_says_interrupted_and_exits_130(tmp_path, monkeypat
         main()
     assert exit.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_full_disk_under_the_read_through_cache_is_one_error(tmp_path):
+    from loadbench.readthrough import ReadThroughCache
+
+    cache = ReadThroughCache(str(tmp_path / "cache"), {"a.npy": 5 << 20, "b.npy": 1 << 20})
+
+    def fetch(rel, dest):
+        with open(dest, "wb") as f:
+            f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device", dest)
+
+    def fetch_many(rels, dests):
+        for rel, dest in zip(rels, dests, strict=True):
+            fetch(rel, dest)
+
+    with pytest.raises(OutOfSpaceError, match="read-through cache") as raised:
+        cache.path("a.npy", fetch)
+    assert raised.value.needed == 5 << 20
+    with pytest.raises(OutOfSpaceError, match="about 6.0 MiB needed"):
+        cache.paths(["a.npy", "b.npy"], fetch_many)
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert not [name for name in left if ".part-" in name], left
