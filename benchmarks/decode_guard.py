@@ -27,7 +27,6 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import shlex
 import struct
 import sys
@@ -37,6 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 import loadbench
 from loadbench.formats import codecs
@@ -120,11 +120,7 @@ def rates(decoders: dict[str, Callable], data: list[bytes], repeats: int) -> dic
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        model = names[0] if names else model
+    model = cpu_model()
     from PIL import __version__ as pillow
     from torchvision import __version__ as torchvision
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import sys
 import tempfile
 from typing import Any
 
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 import loadbench
 from loadbench.training.config import TrainConfig
@@ -62,11 +62,7 @@ def line(name: str, accuracies: list[float], seconds: float) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        model = names[0] if names else model
+    model = cpu_model()
     threads = torch.get_num_threads()
     return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} on {threads} threads, no GPU"
 

@@ -230,20 +230,27 @@ class StoreFiles:
 _NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
 
 
-def _check_npy(rel: str, head: bytes, size: int) -> None:
+def npy_header(head: bytes, rel: str) -> tuple[tuple[int, ...], Any, bool, int]:
+    """(shape, dtype, fortran order, offset of the data) from the first bytes of a `.npy` file;
+    one of `NPY_ERRORS` when they are no header of a version numpy writes."""
     import numpy as np
 
     f = io.BytesIO(head)
     version = np.lib.format.read_magic(f)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"{rel} is a .npy file of version {version}, which loadbench never writes")
-    shape, _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+    shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+    return tuple(shape), dtype, fortran, f.tell()
+
+
+def _check_npy(rel: str, head: bytes, size: int) -> None:
+    shape, dtype, _, offset = npy_header(head, rel)
     if dtype.hasobject:
         raise ValueError(f"{rel} holds Python objects")
     declared = math.prod(shape) * dtype.itemsize
-    if f.tell() + declared != size:
+    if offset + declared != size:
         raise ValueError(
-            f"{rel} declares {shape} {dtype} ({declared:,} bytes), it holds {size - f.tell():,}"
+            f"{rel} declares {shape} {dtype} ({declared:,} bytes), it holds {size - offset:,}"
         )
 
 

@@ -6,7 +6,6 @@ page cache) only when touched; a batch is one fancy-indexing call on sorted indi
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ from loadbench.errors import reserve
 from loadbench.formats.base import Format, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.formats.pixels import DTYPES
 from loadbench.storefiles import NPY_ERRORS
+from loadbench.storefiles import npy_header as parse_npy_header
 
 NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
 
@@ -122,13 +122,8 @@ def npy_header(files, rel: str) -> tuple[tuple[int, ...], np.dtype, bool]:
     """(shape, dtype, fortran order) of a `.npy` file of the store, read from its header; one of
     `NPY_ERRORS` when it is no `.npy` file, or its header does not describe exactly its bytes."""
     files.check_npy(rel)
-    f = io.BytesIO(files.read_ranges([rel], [0], [NPY_HEAD])[0])
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    return tuple(shape), dtype, fortran
+    shape, dtype, fortran, _ = parse_npy_header(files.read_ranges([rel], [0], [NPY_HEAD])[0], rel)
+    return shape, dtype, fortran
 
 
 def check_arrays(reader: SplitReader, names: tuple[str, str], images: tuple, labels: tuple):
@@ -155,15 +150,10 @@ class RangeArray:
     def __init__(self, files, rel: str):
         self.files, self.rel = files, rel
         head = files.read_ranges([rel], [0], [4096])[0]
-        f = io.BytesIO(head)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, dtype, fortran, offset = parse_npy_header(head, rel)
         if fortran:
             raise ValueError(f"{rel} is in Fortran order")
-        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), f.tell()
+        self.shape, self.dtype, self.offset = shape, np.dtype(dtype), offset
         self.row_shape = self.shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 

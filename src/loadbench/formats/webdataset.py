@@ -27,7 +27,7 @@ from loadbench.formats.records import (
     encoding_options,
     save_index,
 )
-from loadbench.storefiles import NPY_ERRORS
+from loadbench.storefiles import NPY_ERRORS, npy_header
 
 EXTENSION = {"npy": "npy", "png": "png", "jpeg": "jpg"}
 
@@ -125,15 +125,10 @@ class WebDatasetReader(ShardReader):
     def decode_raw(self, data: bytes) -> np.ndarray:
         """A `.npy` member's image: its header must say the store's image shape and dtype (it is
         checked before the pixels are read), and the bytes after it hold them."""
-        f = io.BytesIO(data)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        if shape != self.image_shape or dtype != DTYPES[self.dtype] or fortran:
+        shape, dtype, fortran, offset = npy_header(data[:4096], "a .npy member")
+        if shape != tuple(self.image_shape) or dtype != DTYPES[self.dtype] or fortran:
             raise BadRecord(f"a .npy of {shape} {dtype}, not {self.image_shape} {self.dtype}")
-        return np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape)
+        return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
 @register_format
