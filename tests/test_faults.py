@@ -128,7 +128,7 @@ def test_every_format_and_peer_into_a_full_disk(tmp_path):
     for outcome in outcomes[:-3]:
         _check_full(outcome)
     all_formats, *jobs = outcomes[-3:]
-    all_formats.one_line_error()  # the stores finished before the disk filled stay, verified
+    all_formats.one_line_error()  # the stores finished before the disk filled stay
     for outcome in jobs:
         _check_full(outcome)
 
