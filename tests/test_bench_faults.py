@@ -380,3 +380,19 @@ def test_deleting_the_store_during_a_bench_records_the_run_failed(tmp_path):
     (run,) = read_runs(results)
     assert run["status"] == "failed" and "was deleted or damaged during the run" in run["error"]
     assert run["store"]["created"] and run["store"]["identity"]
+
+
+def test_recorded_ok_reads_only_whole_lines_appended_since_and_rereads_a_cut_file(tmp_path):
+    from loadbench.bench.records import RecordedOk
+
+    results = results_dir(tmp_path, record("a", "ok") + "\n" + record("b") + "\n")
+    recorded = RecordedOk(str(results))
+    assert recorded.current() == {"a"}
+    with open(results / RUNS, "a") as f:
+        f.write(record("c", "ok") + "\n" + record("d", "ok")[:30])  # d is being written
+    assert recorded.current() == {"a", "c"}
+    with open(results / RUNS, "a") as f:
+        f.write(record("d", "ok")[30:] + "\n")
+    assert recorded.current() == {"a", "c", "d"}
+    (results / RUNS).write_text(record("e", "ok") + "\n")  # cut and written again
+    assert recorded.current() == {"e"}

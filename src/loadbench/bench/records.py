@@ -153,12 +153,37 @@ def read_runs(results_dir: str) -> list[Any]:
     return [data for _, data in scan_runs(results_dir).records]
 
 
-def recorded_ok(results_dir: str) -> set[str]:
-    """The keys of the runs recorded as finished ok."""
-    return {
-        r["key"] for r in read_runs(results_dir)
-        if isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("key"), str)
-    }  # fmt: skip
+class RecordedOk:
+    """The keys of the runs recorded as finished ok in runs.jsonl, kept current by reading only
+    the lines appended since the last look: a bench looks before and after every run, and an
+    experiment's runs.jsonl grows to thousands of records."""
+
+    def __init__(self, results_dir: str):
+        self.results_dir = results_dir
+        self.path = os.path.join(results_dir, RUNS)
+        self.keys: set[str] = set()
+        self.read_up_to = 0  # bytes of whole lines read
+
+    def current(self) -> set[str]:
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            size = 0
+        if size < self.read_up_to:  # cut since (a torn line healed): read it all again
+            self.keys, self.read_up_to = set(), 0
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            f.seek(self.read_up_to)
+            new = f.read(size - self.read_up_to)
+            whole = new.rfind(b"\n") + 1  # a line being written now is read next time
+            for raw in new[:whole].split(b"\n"):
+                if not raw.strip():
+                    continue
+                data, _ = _parse(raw.decode("utf-8", errors="replace"))
+                ok = isinstance(data, dict) and data.get("status") == "ok"
+                if ok and isinstance(data.get("key"), str):
+                    self.keys.add(data["key"])
+            self.read_up_to += whole
+        return self.keys
 
 
 def latest_records(results_dir: str) -> tuple[list[RunRecord], list[str]]:

@@ -34,10 +34,10 @@ from loadbench.bench.records import (
     MARKER,
     RESULTS_SCHEMA,
     RUNS,
+    RecordedOk,
     RunRecord,
     append_run,
     heal_runs,
-    recorded_ok,
 )
 from loadbench.bench.torchrun import Torchrun, settle
 from loadbench.errors import LoadbenchError, writing
@@ -132,15 +132,15 @@ def run_experiment(
         with writing(results_dir, "writing the results directory"):
             prepare_results(results_dir, experiment, stores_dir)
         outcome.note(heal_runs(results_dir))
-        done = recorded_ok(results_dir)
-        pending = [r for r in runs if r.key not in done]
+        recorded = RecordedOk(results_dir)
+        pending = [r for r in runs if r.key not in recorded.current()]
         outcome.skipped_done = len(runs) - len(pending)
         if pending:
-            _run_pending(experiment, pending, results_dir, stores_dir, python, outcome)
+            _run_pending(experiment, pending, recorded, stores_dir, python, outcome)
     return outcome
 
 
-def _run_pending(experiment: Experiment, pending: list[RunSpec], results_dir: str,
+def _run_pending(experiment: Experiment, pending: list[RunSpec], recorded: RecordedOk,
                  stores_dir: str, python: str, outcome: Outcome) -> None:  # fmt: skip
     stores = convert_stores(experiment, pending, stores_dir)
     processes = launcher(experiment, python)
@@ -151,15 +151,15 @@ def _run_pending(experiment: Experiment, pending: list[RunSpec], results_dir: st
         ):
             for number, spec in enumerate(pending, 1):
                 label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
-                _run_one(spec, stores[_store_key(spec.cell)], label, results_dir, scratch,
+                _run_one(spec, stores[_store_key(spec.cell)], label, recorded, scratch,
                          processes, outcome)  # fmt: skip
                 advance(1)
     finally:
         processes.close()
 
 
-def _run_one(spec: RunSpec, store: dict[str, Any], label: str, results_dir: str, scratch: str,
-             processes, outcome: Outcome) -> None:  # fmt: skip
+def _run_one(spec: RunSpec, store: dict[str, Any], label: str, recorded: RecordedOk,
+             scratch: str, processes, outcome: Outcome) -> None:  # fmt: skip
     """Run one spec (unless it cannot run, or is recorded ok since the bench started) and
     record it."""
     too_big = _device_too_small(spec, store)
@@ -167,17 +167,17 @@ def _run_one(spec: RunSpec, store: dict[str, Any], label: str, results_dir: str,
         if spec.repeat == 0:
             outcome.not_run.append((spec.cell.label, too_big))
         return
-    if spec.key in recorded_ok(results_dir):
+    if spec.key in recorded.current():
         outcome.skipped_done += 1
         return
     progress.console.print(f"[dim]{label}[/dim]", highlight=False)
     record = _one_run(spec, store, scratch, processes)
     if record is None:  # a multi-node run recorded by the node of its rank 0
         return
-    if record.key in recorded_ok(results_dir):
+    if record.key in recorded.current():
         outcome.note(f"{label} was recorded by another process meanwhile; kept that record")
         return
-    append_run(results_dir, record)
+    append_run(recorded.results_dir, record)
     if record.status == "ok":
         outcome.ok += 1
     else:
