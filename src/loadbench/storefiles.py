@@ -167,16 +167,17 @@ class StoreFiles:
         import numpy as np
 
         data = self.read(rel)
-        _check_npy(rel, data[:_NPY_HEAD], len(data))
+        _check_npy(rel, data[:NPY_HEAD], len(data))
         return np.load(io.BytesIO(data))
 
-    def check_npy(self, rel: str) -> None:
-        """ValueError unless the `.npy` file's header describes exactly the bytes after it:
-        `np.load` allocates what the header asks for before reading, terabytes if it is damaged."""
+    def check_npy(self, rel: str) -> tuple[tuple[int, ...], Any, bool, int]:
+        """The `.npy` file's header as `npy_header` reads it; ValueError unless it describes
+        exactly the bytes after it: `np.load` allocates what the header asks for before reading,
+        terabytes if it is damaged."""
         size = self.sizes([rel])[rel]
         if size is None:
             raise FileNotFoundError(f"{rel} is missing")
-        _check_npy(rel, self.read_ranges([rel], [0], [min(size, _NPY_HEAD)])[0], size)
+        return _check_npy(rel, self.read_ranges([rel], [0], [min(size, NPY_HEAD)])[0], size)
 
     def open(self, rel: str, block_size: int = 4 << 20):
         """A seekable binary file object (h5py reads remote HDF5 through one)."""
@@ -227,7 +228,7 @@ class StoreFiles:
         }
 
 
-_NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
+NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
 
 
 def npy_header(head: bytes, rel: str) -> tuple[tuple[int, ...], Any, bool, int]:
@@ -243,8 +244,8 @@ def npy_header(head: bytes, rel: str) -> tuple[tuple[int, ...], Any, bool, int]:
     return tuple(shape), dtype, fortran, f.tell()
 
 
-def _check_npy(rel: str, head: bytes, size: int) -> None:
-    shape, dtype, _, offset = npy_header(head, rel)
+def _check_npy(rel: str, head: bytes, size: int) -> tuple[tuple[int, ...], Any, bool, int]:
+    header = shape, dtype, _, offset = npy_header(head, rel)
     if dtype.hasobject:
         raise ValueError(f"{rel} holds Python objects")
     declared = math.prod(shape) * dtype.itemsize
@@ -252,6 +253,7 @@ def _check_npy(rel: str, head: bytes, size: int) -> None:
         raise ValueError(
             f"{rel} declares {shape} {dtype} ({declared:,} bytes), it holds {size - offset:,}"
         )
+    return header
 
 
 def _size(path: str) -> int | None:

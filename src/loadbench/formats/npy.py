@@ -13,10 +13,7 @@ import numpy as np
 from loadbench.errors import reserve
 from loadbench.formats.base import Format, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.formats.pixels import DTYPES
-from loadbench.storefiles import NPY_ERRORS
-from loadbench.storefiles import npy_header as parse_npy_header
-
-NPY_HEAD = 4096  # np.save writes headers of 128 bytes (version 1) up to a few KiB
+from loadbench.storefiles import NPY_ERRORS, NPY_HEAD, npy_header
 
 
 class NpyWriter(SplitWriter):
@@ -118,14 +115,6 @@ class NpyReader(SplitReader):
         self._handle = None  # memmaps unmap when the last reference goes
 
 
-def npy_header(files, rel: str) -> tuple[tuple[int, ...], np.dtype, bool]:
-    """(shape, dtype, fortran order) of a `.npy` file of the store, read from its header; one of
-    `NPY_ERRORS` when it is no `.npy` file, or its header does not describe exactly its bytes."""
-    files.check_npy(rel)
-    shape, dtype, fortran, _ = parse_npy_header(files.read_ranges([rel], [0], [NPY_HEAD])[0], rel)
-    return shape, dtype, fortran
-
-
 def check_arrays(reader: SplitReader, names: tuple[str, str], images: tuple, labels: tuple):
     """The damaged-store error unless the split's images, (shape, dtype, fortran order) from
     their header, are (count, *image_shape) in the store's dtype and C order, and its labels
@@ -149,8 +138,8 @@ class RangeArray:
 
     def __init__(self, files, rel: str):
         self.files, self.rel = files, rel
-        head = files.read_ranges([rel], [0], [4096])[0]
-        shape, dtype, fortran, offset = parse_npy_header(head, rel)
+        head = files.read_ranges([rel], [0], [NPY_HEAD])[0]
+        shape, dtype, fortran, offset = npy_header(head, rel)
         if fortran:
             raise ValueError(f"{rel} is in Fortran order")
         self.shape, self.dtype, self.offset = shape, np.dtype(dtype), offset

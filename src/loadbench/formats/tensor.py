@@ -14,7 +14,7 @@ import io
 import numpy as np
 
 from loadbench.formats.base import Format, SplitReader, register_format
-from loadbench.formats.npy import NpyWriter, check_arrays, npy_header
+from loadbench.formats.npy import NpyWriter, check_arrays
 from loadbench.formats.pixels import to_tensor
 from loadbench.storefiles import NPY_ERRORS
 
@@ -57,7 +57,7 @@ class TensorReader(SplitReader):
         headers = []
         for name in names:  # checked before a byte is loaded: a damaged header sizes the load
             try:
-                headers.append(npy_header(self.files, name))
+                headers.append(self.files.check_npy(name)[:3])  # shape, dtype, fortran
             except NPY_ERRORS as e:
                 raise self._damaged(f"{name} cannot be loaded", e) from None
         check_arrays(self, names, *headers)

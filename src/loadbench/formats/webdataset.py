@@ -27,7 +27,7 @@ from loadbench.formats.records import (
     encoding_options,
     save_index,
 )
-from loadbench.storefiles import NPY_ERRORS, npy_header
+from loadbench.storefiles import NPY_ERRORS, NPY_HEAD, npy_header
 
 EXTENSION = {"npy": "npy", "png": "png", "jpeg": "jpg"}
 
@@ -125,7 +125,7 @@ class WebDatasetReader(ShardReader):
     def decode_raw(self, data: bytes) -> np.ndarray:
         """A `.npy` member's image: its header must say the store's image shape and dtype (it is
         checked before the pixels are read), and the bytes after it hold them."""
-        shape, dtype, fortran, offset = npy_header(data[:4096], "a .npy member")
+        shape, dtype, fortran, offset = npy_header(data[:NPY_HEAD], "a .npy member")
         if shape != tuple(self.image_shape) or dtype != DTYPES[self.dtype] or fortran:
             raise BadRecord(f"a .npy of {shape} {dtype}, not {self.image_shape} {self.dtype}")
         return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
