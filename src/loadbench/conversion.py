@@ -22,8 +22,8 @@ from loadbench.errors import (
     LoadbenchError,
     OutOfSpaceError,
     explain_os_error,
-    free_bytes,
     is_out_of_space,
+    nearly_full,
     writing,
 )
 from loadbench.formats import Format, expand_names, get_format
@@ -127,9 +127,8 @@ def _write_atomically(source: Source, fmt: Format, out: str, dtype: str, options
 
 
 def _full_disk(error: BaseException, out: str) -> OutOfSpaceError | None:
-    """`error` as a full disk under `out`, or None when it is something else. Some writers
-    (lmdb's "Input/output error", a worker's report) do not pass ENOSPC on: their errors are
-    said as a full disk when the file system is indeed full (under 1 MiB free) right then."""
+    """`error` as a full disk under `out`, or None when it is something else (errors of writers
+    that do not pass ENOSPC on: `nearly_full`)."""
     if is_out_of_space(error):
         return OutOfSpaceError(out, "converting into", getattr(error, "needed", None),
                                getattr(error, "free", None))  # fmt: skip
@@ -137,8 +136,8 @@ def _full_disk(error: BaseException, out: str) -> OutOfSpaceError | None:
         isinstance(error, OSError) and explain_os_error(error) is not None
     ):
         return None
-    free = free_bytes(out)
-    return OutOfSpaceError(out, "converting into") if free is not None and free < 2**20 else None
+    free = nearly_full(out)
+    return OutOfSpaceError(out, "converting into", free=free) if free is not None else None
 
 
 def _remove_stale_partials(out: str) -> None:

@@ -69,6 +69,17 @@ def free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def nearly_full(path: str) -> int | None:
+    """The free bytes at `path` when its file system is all but full (under 1 MiB), else None.
+
+    Some libraries do not pass ENOSPC on (torch.save's RuntimeError, lmdb's "Input/output
+    error", a --jobs worker's report): their error, raised while writing to a file system that
+    is full right then, is said as a full disk.
+    """
+    free = free_bytes(path)
+    return free if free is not None and free < 2**20 else None
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import IO, Any
 
-from loadbench.errors import LoadbenchError, OutOfSpaceError, explain_os_error, free_bytes
+from loadbench.errors import LoadbenchError, OutOfSpaceError, explain_os_error, nearly_full
 
 
 @contextlib.contextmanager
@@ -49,13 +49,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False
 def _explained(error: BaseException, path: str) -> Exception | None:
     """The user's side of a failed write of `path` as one LoadbenchError (a full disk, a
     read-only or forbidden place); None for anything else. Writers that wrap the file
-    system's error in their own (torch.save's RuntimeError) are said as a full disk when the
-    disk is indeed full (under 1 MiB free)."""
+    system's error in their own are said as a full disk when it is (`nearly_full`)."""
     if isinstance(error, OSError):
         return explain_os_error(error, path)
     if isinstance(error, Exception) and not isinstance(error, LoadbenchError):
-        free = free_bytes(path)
-        if free is not None and free < 2**20:
+        free = nearly_full(path)
+        if free is not None:
             return OutOfSpaceError(path, "writing", free=free)
     return None
 

@@ -74,7 +74,7 @@ def _full_disk_kept_or_removed(out: str, made_here: bool):
     except OutOfSpaceError as e:
         if os.path.isfile(os.path.join(out, "checkpoint.pt")):
             e.args = (f"{e}; the run so far is kept: continue it with --resume {out}",)
-        elif made_here and is_main_process():
+        elif made_here:  # (made by the main process only)
             shutil.rmtree(out, ignore_errors=True)
         raise
 
