@@ -10,6 +10,7 @@ DataLoader workers (h5py and LMDB handles must not cross a fork) and pickled for
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ import numpy as np
 from loadbench.errors import CorruptStoreError, LoadbenchError
 from loadbench.formats.pixels import DTYPES, to_tensor
 from loadbench.options import Option
-from loadbench.storefiles import StoreFiles
+from loadbench.storefiles import NPY_ERRORS, StoreFiles
 
 
 @dataclass
@@ -222,6 +223,21 @@ class SplitReader:
 
     def _empty(self, n: int) -> np.ndarray:
         return np.empty((n, *self.image_shape), dtype=DTYPES[self.dtype])
+
+    def _read_npy(self, rel: str) -> np.ndarray:
+        """A whole `.npy` file of the store (its header checked first), or the damaged-store
+        error naming it."""
+        try:
+            return self.files.read_npy(rel)
+        except NPY_ERRORS as e:
+            raise self._damaged(rel, e) from None
+
+    def _read_json(self, rel: str) -> Any:
+        """A JSON file of the store, or the damaged-store error naming it."""
+        try:
+            return json.loads(self.files.read(rel))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are both
+            raise self._damaged(rel, e) from None
 
     def _damaged(self, what: str, error: Exception | str) -> CorruptStoreError:
         """The error for a damaged store: `what` names the file (its path in the store) and

@@ -23,7 +23,6 @@ from loadbench.formats.base import (
     SplitWriter,
     register_format,
 )
-from loadbench.storefiles import NPY_ERRORS
 
 
 def class_dirs(classes: list[str]) -> list[str]:
@@ -108,10 +107,7 @@ class FilesReader(SplitReader):
 
     def _open(self):
         rel = f"{self.split}/labels.npy"
-        try:
-            labels = self.files.read_npy(rel)
-        except NPY_ERRORS as e:
-            raise self._damaged(rel, e) from None
+        labels = self._read_npy(rel)
         if labels.shape != (self.count,) or labels.dtype.kind not in "iu":
             raise self._damaged(rel, f"{labels.shape} {labels.dtype}, not {self.count} labels")
         if len(labels) and not 0 <= labels.min() <= labels.max() < len(self.class_dirs):

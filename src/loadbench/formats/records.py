@@ -16,7 +16,6 @@ import numpy as np
 from loadbench.errors import LoadbenchError
 from loadbench.formats import codecs
 from loadbench.formats.base import Format, Option, SplitReader
-from loadbench.storefiles import NPY_ERRORS
 
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i8")])
 
@@ -84,10 +83,7 @@ class ShardReader(SplitReader):
 
     def _open(self):
         rel = f"{self.split}-index.npy"
-        try:
-            index = self.files.read_npy(rel)
-        except NPY_ERRORS as e:
-            raise self._damaged(rel, e) from None
+        index = self._read_npy(rel)
         if index.dtype != INDEX_DTYPE or index.shape != (self.count,):
             raise self._damaged(rel, f"{index.shape} {index.dtype}, not {self.count} entries")
         if problem := _index_problem(index, self.shard_sizes):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 
 import numpy as np
@@ -141,10 +140,7 @@ class HfDatasetsReader(SplitReader):
         """The Arrow files of the split that state.json names: files the store lists. And
         state.json names no formatter."""
         rel = f"{self.split}/state.json"
-        try:
-            state = json.loads(self.files.read(rel))
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are both
-            raise self._damaged(rel, e) from None
+        state = self._read_json(rel)
         files = state.get("_data_files") if isinstance(state, dict) else None
         names = [f.get("filename") if isinstance(f, dict) else None for f in files or [None]]
         if not all(isinstance(n, str) and f"{self.split}/{n}" in self.file_sizes for n in names):

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -16,7 +15,6 @@ import numpy as np
 from loadbench.errors import reserve
 from loadbench.formats.base import Option, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.peers._base import PeerFormat, loader_args, refuse_balance, subset
-from loadbench.storefiles import NPY_ERRORS
 
 
 def _import_litdata():
@@ -142,17 +140,11 @@ class LitdataReader(SplitReader):
     def _open(self):
         litdata = _import_litdata()
         rel = f"{self.split}/index.json"
-        try:
-            index = json.loads(self.files.read(rel))
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are both
-            raise self._damaged(rel, e) from None
+        index = self._read_json(rel)
         if problem := _index_problem(index, self.split, self.count, self.file_sizes):
             raise self._damaged(rel, problem)
         labels_rel = f"{self.split}/labels.npy"
-        try:
-            labels = self.files.read_npy(labels_rel)
-        except NPY_ERRORS as e:
-            raise self._damaged(labels_rel, e) from None
+        labels = self._read_npy(labels_rel)
         if labels.shape != (self.count,) or labels.dtype != np.int64:
             raise self._damaged(
                 labels_rel, f"{labels.shape} {labels.dtype}, not {self.count} int64"
