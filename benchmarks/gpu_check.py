@@ -8,6 +8,9 @@ tensor store, it measures:
   the CPU, batches moved to the device as the training loop moves them;
 - a training epoch of a small cnn-blocks model on cuda: device access with and without AMP, and
   batch access with 4 workers and pinned memory under AMP, with the GPU's utilisation;
+- the default experiment's formats on cuda (a `loadbench bench` with `ceilings: true`): per
+  format the loader-only images/s, and the train run's images/s, accelerator utilisation (AU),
+  data stall and bound (data- or compute-bound, against the compute-only ceiling);
 - the tensor format's host-to-device rate: a whole .npy read onto the GPU as the format reads it
   (CuPy + DLPack when CuPy is there), against np.load + a copy from pageable and from pinned
   memory, and a copy of memory already pinned (the ceiling).
@@ -19,7 +22,8 @@ it. Every number comes from this run: compare within it. Without CUDA it says so
 exits 0. Sized for about 2 minutes on an H200 (not yet timed there); scripts/device.sh
 runs it on the lent GPU machine.
 
-    python benchmarks/gpu_check.py [--count 20000] [--epochs 4] [--h2d-mib 1024] [--json PATH]
+    python benchmarks/gpu_check.py [--count 20000] [--epochs 4] [--h2d-mib 1024]
+        [--bench-count 5000] [--json PATH]
 """
 
 from __future__ import annotations
@@ -317,6 +321,55 @@ def training(results: Results, stores: dict[str, str], tmp: str) -> None:
                    fp32["accuracy"] * classes, 2.0)  # fmt: skip
 
 
+def default_formats(results: Results, tmp: str, count: int) -> None:
+    """The default experiment's formats on cuda, each in train and loader-only mode (with the
+    dataset's compute-only ceiling): loader img/s, accelerator utilisation, stall and bound."""
+    from loadbench.bench.experiment import Experiment, load_experiment
+    from loadbench.bench.runner import run_experiment
+    from loadbench.report.data import load_results
+    from loadbench.report.tables import bound_name
+
+    formats = load_experiment(None).formats
+    spec = f"synthetic:cifar-like?count={count}&eval_count={max(200, count // 10)}"
+    experiment = Experiment.model_validate({
+        "name": "gpu-default-formats", "device": GPU, "epochs": 2, "repeats": 1,
+        "batch_size": BATCH, "datasets": [{"source": spec, "name": "cifar-like"}],
+        "formats": formats, "access": ["batch"], "workers": [WORKERS], "ceilings": True,
+        "train": {**MODEL},
+    })  # fmt: skip
+    progress.console.quiet = True
+    try:
+        outcome = run_experiment(experiment, os.path.join(tmp, "bench"), os.path.join(tmp, "st"))
+    finally:
+        progress.console.quiet = False
+    ran = load_results(os.path.join(tmp, "bench"))
+    compute = ran.ceilings.loc[ran.ceilings["mode"] == "compute-only", "epoch_s"].median()
+    loader = ran.ceilings[ran.ceilings["mode"] == "loader-only"].set_index("format")
+    print(f"  {spec}, batch {BATCH}, batch access, {WORKERS} workers, cnn-blocks "
+          f"{MODEL['widths']}; epoch 2 of 2; compute-only epoch {compute:.3f} s")  # fmt: skip
+    print(f"  {'format':12s} {'loader img/s':>13s} {'train img/s':>12s} {'AU':>5s} "
+          f"{'stall':>6s}  bound")  # fmt: skip
+    rows = {}
+    for _, run in ran.runs.sort_values("epoch_s").iterrows():
+        fmt = run["format"]
+        loader_s = loader["epoch_s"].get(fmt, math.nan)
+        rows[fmt] = {"loader_images_per_s": loader["images_per_s"].get(fmt, math.nan),
+                     "train_images_per_s": run["images_per_s"], "au": run["au"],
+                     "stall_share": run["stall_share"], "epoch_s": run["epoch_s"],
+                     "loader_epoch_s": loader_s,
+                     "bound": bound_name(loader_s, compute)}  # fmt: skip
+        r = rows[fmt]
+        print(f"  {fmt:12s} {r['loader_images_per_s']:13,.0f} {r['train_images_per_s']:12,.0f} "
+              f"{100 * r['au']:4.0f}% {100 * r['stall_share']:5.0f}%  {r['bound']}",
+              flush=True)  # fmt: skip
+    results.data["default_formats"] = {"compute_only_epoch_s": compute, "formats": rows,
+                                       "failures": outcome.failures}  # fmt: skip
+    timed = set(ran.runs["timing"]) == {"overlap"} and ran.runs["au"].between(0, 1).all()
+    results.check("default formats on cuda: every run finished", outcome.failed == 0,
+                  "; ".join(f"{what}: {why}" for what, why in outcome.failures)[:500])  # fmt: skip
+    results.check("default formats on cuda: train runs timed with overlap, AU in [0, 1]", timed)
+
+
 def host_to_device(results: Results, tmp: str, mib: int, repeats: int = 3) -> None:
     from loadbench.formats.tensor import load_resident
 
@@ -385,6 +438,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=20_000, help="training images (32x32 RGB)")
     parser.add_argument("--epochs", type=int, default=4, help="loader-only epochs per setting")
     parser.add_argument("--h2d-mib", type=int, default=1024, help="size of the host->device file")
+    parser.add_argument("--bench-count", type=int, default=5000,
+                        help="training images of the default-formats bench")  # fmt: skip
     parser.add_argument("--json", help="also write every number and check to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -400,6 +455,7 @@ def main() -> int:
             results.section("loaders", loaders, stores, args.epochs)
             results.section("the tensor format's reads", tensor_reads, stores)
             results.section("training on cuda", training, stores, tmp)
+        results.section("the default formats on cuda", default_formats, tmp, args.bench_count)
         results.section("host to device", host_to_device, tmp, args.h2d_mib)
     seconds = time.perf_counter() - started
     failed = [c["name"] for c in results.checks if not c["passed"]]

@@ -336,3 +336,19 @@ def test_loader_only_runs_under_torchrun_read_half_each(tmp_path):
     for epoch in record["epochs"]:
         assert [r["images"] for r in epoch["ranks"]] == [48, 48]
         assert epoch["images_per_s"] == pytest.approx(96 / epoch["time_s"])
+
+
+@pytest.mark.parametrize(
+    "backend,device,message",
+    [("mpi", "cpu", "use nccl or gloo"), ("nccl", "cpu", "nccl needs --device cuda")],
+)
+def test_a_ddp_backend_that_cannot_work_is_one_clear_error(monkeypatch, backend, device, message):
+    from loadbench.training import distributed
+
+    monkeypatch.setattr(distributed, "_current", None)
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "LOADBENCH_DDP_BACKEND": backend}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LoadbenchError, match=message):
+        distributed.setup(torch.device(device))

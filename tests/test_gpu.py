@@ -8,11 +8,13 @@ worker ring, GPU telemetry of benchmark runs, and DDP over NCCL where there are 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -298,7 +300,107 @@ def test_a_training_bench_run_on_cuda(tmp_path):
     assert epoch["gpu_util_pct_mean"] is not None and epoch["gpu_mem_used_bytes_max"] > 0
 
 
-# -- DDP over NCCL --------------------------------------------------------------------------------
+# -- timing, memory, compile ----------------------------------------------------------------------
+
+
+def gpu_sleep_cycles(seconds: float) -> int:
+    """Cycles of `torch.cuda._sleep` that keep this GPU busy for about `seconds`."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return int(seconds / (start.elapsed_time(end) / 1000 / 10_000_000))
+
+
+@pytest.mark.parametrize("timing", ["overlap", "sync"])
+def test_cuda_events_attribute_stall_and_compute_and_see_their_overlap(gpu_stores, monkeypatch,
+                                                                       timing):  # fmt: skip
+    """A loader that sleeps on the host shows as stall, a model that keeps the GPU busy as
+    compute; under overlap timing the host loads while the GPU computes, so the epoch takes
+    less than stall + compute, and under sync timing it takes their sum."""
+    store, step_s, batches = gpu_stores["npy", "uint8"], 0.02, 10
+    reader_class = type(store.new_reader("train"))
+    read_batch = reader_class.read_batch
+
+    def slow_read(self, indices):
+        time.sleep(step_s)
+        return read_batch(self, indices)
+
+    monkeypatch.setattr(reader_class, "read_batch", slow_read)
+    cycles = gpu_sleep_cycles(step_s)
+    cfg = TrainConfig(data=store.path, model="cnn-tiny", access="batch", workers=0,
+                      batch_size=160 // batches, epochs=1, device=DEVICE,
+                      timing=timing)  # fmt: skip
+    with Run(cfg, store, out_dir=None) as run:
+        forward = run.forward
+
+        def busy_forward(images):
+            torch.cuda._sleep(cycles)
+            return forward(images)
+
+        run.forward = busy_forward
+        epoch = run.train_epoch(1)
+    stall, compute = epoch["data_wait_s"], epoch["compute_s"]
+    assert stall >= batches * step_s
+    assert compute >= 0.8 * batches * step_s  # the GPU's busy time, seen by the events
+    assert 0 < epoch["au"] <= 1 and epoch["timing"] == timing
+    if timing == "overlap":
+        assert epoch["time_s"] < 0.8 * (stall + compute)
+    else:
+        assert epoch["time_s"] >= 0.95 * (stall + compute)
+
+
+def test_nvml_memory_agrees_with_nvidia_smi_and_covers_torchs_peak():
+    from loadbench.bench.telemetry import Gpu
+
+    gpu = Gpu(torch.cuda.current_device())
+    torch.cuda.reset_peak_memory_stats()
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)  # 1 GiB
+    torch.cuda.synchronize()
+    nvml = gpu.read()[1]
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+         f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert abs(nvml - int(smi.strip()) * 2**20) < 64 * 2**20  # the same reading, MiB apart
+    assert nvml >= torch.cuda.max_memory_allocated() >= 1 << 30  # + the context and the cache
+    del x
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="torch.compile on CUDA "
+                    "needs triton, which is not installed here")  # fmt: skip
+def test_torch_compile_trains_on_cuda(gpu_stores, tmp_path):
+    result = train(config(gpu_stores["npy", "uint8"], tmp_path / "run", device=DEVICE,
+                          compile=True, access="device"))  # fmt: skip
+    assert result.metrics["compile_time_s"] > 0
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_ceilings_bench_on_cuda_names_the_bound(tmp_path, fresh):
+    from loadbench.bench.experiment import Experiment
+    from loadbench.bench.runner import run_experiment
+    from loadbench.report.data import load_results
+    from loadbench.report.tables import bounds_table
+
+    exp = Experiment.model_validate({
+        "name": "gpu-ceilings", "device": "cuda", "epochs": 2, "repeats": 1, "batch_size": 32,
+        "datasets": [{"source": TINY, "name": "tiny"}], "formats": ["npy"], "ceilings": True,
+        "access": ["batch"], "workers": [2], "train": {"widths": "4,8"},
+        "fresh_interpreter": fresh,
+    })  # fmt: skip
+    outcome = run_experiment(exp, tmp_path / "r", tmp_path / "stores")
+    assert (outcome.ok, outcome.failed) == (3, 0), outcome.failures
+    results = load_results(tmp_path / "r")
+    train_run = results.runs.iloc[0]
+    assert train_run["timing"] == "overlap" and 0 < train_run["au"] <= 1
+    table = bounds_table(results, "tiny")
+    assert table is not None and table.rows[0][-1].split(":")[0] in ("data-bound", "compute-bound")
+
+
+# -- DDP over NCCL, or Gloo on CUDA tensors -------------------------------------------------------
 
 
 @TWO_GPUS
@@ -321,6 +423,21 @@ def test_torchrun_trains_on_two_gpus_over_nccl(tmp_path):
     model, _ = load_model(str(tmp_path / "run" / "model.pt"))
     assert model_digest(model) == replicas["model_sha256"][0]
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 32  # every test image once
+
+
+def test_torchrun_trains_on_cuda_over_gloo(tmp_path):
+    """Two ranks over Gloo on CUDA tensors: DDP on a machine with one GPU."""
+    store = loadbench.convert(loadbench.load_source(TINY), "npy", tmp_path / "store")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "loadbench", "train", store.path, "--epochs", "1", "--out",
+               str(tmp_path / "run"), "--widths", "4,8", "--batch-size", "16", "--device",
+               "cuda"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "LOADBENCH_DDP_BACKEND": "gloo"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    replicas = json.loads((tmp_path / "run" / "metrics.json").read_text())["distributed"]
+    assert replicas["world_size"] == 2 and replicas["backend"] == "gloo"
+    assert replicas["identical"]
 
 
 # -- last: a mistake here would be a device-side assert, which ends every later CUDA call --------

@@ -17,8 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Low to high: an import may point to its own layer or below, never up.
 LAYERS = [
     ("base", ["errors", "progress", "util", "options", "parallel", "version"]),
-    ("data", ["sources", "formats", "remote", "readthrough", "storefiles", "manifest", "store",
-              "checksums", "writing", "conversion", "upload", "verify", "stats"]),
+    ("data", ["sources", "formats", "remote", "readthrough", "stages", "storefiles", "manifest",
+              "store", "checksums", "writing", "conversion", "upload", "verify", "stats"]),
     ("training", ["training"]),
     ("peers", ["peers"]),
     ("bench", ["bench"]),

@@ -13,7 +13,8 @@ repeats, and the training every run does. Validated with pydantic; expanded into
     epochs: 3
     repeats: 10
     cache: warm                                  # warm | cold | both
-    mode: train                                  # train | loader-only
+    mode: train                                  # train | loader-only | compute-only
+    ceilings: false                              # true: + loader-only and compute-only runs
     train: {model: cnn-blocks, batch_norm: true} # the keys of `loadbench train`
     distributed: {nproc_per_node: 2}             # optional: each run under torchrun (DDP)
 """
@@ -47,6 +48,9 @@ from loadbench.training.models import resolve_model_options
 from loadbench.training.order import ORDER_OPTIONS
 
 DTYPE_NAMES = tuple(DTYPES)
+# train: real training; loader-only: the loader alone, no model (the data ceiling);
+# compute-only: the model trained on one device-resident batch (the compute ceiling).
+MODES = ("train", "loader-only", "compute-only")
 SHUFFLES = ORDER_OPTIONS["shuffle"].choices
 
 
@@ -160,7 +164,12 @@ class _Matrix(BaseModel):
     )
     repeats: int = Field(10, gt=0)
     cache: Literal["warm", "cold", "both"] = "warm"
-    mode: Literal["train", "loader-only"] = "train"
+    mode: Literal[MODES] = "train"
+    ceilings: bool = Field(
+        False,
+        description="with mode train: add a loader-only run per configuration and a "
+        "compute-only run per dataset, to name what bounds each training run",
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="keys of `loadbench train`")
     storage: list[Storage] = Field(
         default_factory=lambda: [Storage()],
@@ -229,6 +238,15 @@ class _Matrix(BaseModel):
             raise ValueError(str(e)) from None
         return value
 
+    @model_validator(mode="after")
+    def _ceilings(self) -> _Matrix:
+        if self.ceilings and self.mode != "train":
+            raise ValueError(
+                f"ceilings: true adds loader-only and compute-only runs beside train runs; "
+                f"this experiment's mode is {self.mode}: set mode: train, or ceilings: false"
+            )
+        return self
+
     def cache_states(self) -> list[str]:
         return ["warm", "cold"] if self.cache == "both" else [self.cache]
 
@@ -275,5 +293,6 @@ def load_experiment(path: str | None) -> Experiment:
             if item["type"] == "extra_forbidden":
                 problems.append(f"unknown key {where!r}")
             else:
-                problems.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+                message = item["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}: {message}" if where else message)
         raise LoadbenchError(f"{path}: " + "; ".join(problems)) from None

@@ -35,14 +35,17 @@ class Cell(BaseModel):
     shuffle: str = "exact"
     storage: Storage = Field(default_factory=Storage)
     skip: str | None = None  # why this combination is not run
+    mode: str | None = None  # a ceiling run's mode; None: the experiment's
 
     @property
     def label(self) -> str:
+        if self.mode == "compute-only":
+            return f"{self.dataset.label} compute-only"
         order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
         where = "" if self.storage.local else f" @{self.storage.label}"
         return (
             f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
-            f"{order} {self.cache}{where}"
+            f"{order} {self.cache}{where}" + (f" {self.mode}" if self.mode else "")
         )
 
 
@@ -59,9 +62,17 @@ class RunSpec(BaseModel):
     store_path: str = ""
     store: dict[str, Any] = Field(default_factory=dict)  # the store's size, images, timings
 
+    @property
+    def mode(self) -> str:
+        return self.cell.mode or self.experiment.mode
+
     def settings(self) -> dict[str, Any]:
         """The resolved configuration of the run (what the key hashes, minus the repeat)."""
         e, c = self.experiment, self.cell
+        if self.mode == "compute-only":  # the same for every format, access and worker count
+            return {"schema": RESULTS_SCHEMA, "dataset": c.dataset.model_dump(),
+                    "batch_size": e.batch_size, "epochs": e.epochs, "mode": self.mode,
+                    "device": e.device, "train": e.train}  # fmt: skip
         # Keys added after the first schema appear only when not at their default, so that
         # the runs of older results directories keep their keys.
         later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
@@ -82,7 +93,7 @@ class RunSpec(BaseModel):
             "batch_size": e.batch_size,
             "pin_memory": e.pin_memory,
             "epochs": e.epochs,
-            "mode": e.mode,
+            "mode": self.mode,
             "device": e.device,
             "train": e.train,
         }
@@ -96,7 +107,7 @@ class RunSpec(BaseModel):
             schema=RESULTS_SCHEMA, key=self.key, experiment=e.name, dataset=c.dataset.label,
             source=c.dataset.source, format=c.format, dtype=c.dtype, access=c.access,
             workers=c.workers, cache=c.cache, shuffle=c.shuffle, storage=c.storage.label,
-            mode=e.mode, batch_size=e.batch_size, epochs_planned=e.epochs, repeat=self.repeat,
+            mode=self.mode, batch_size=e.batch_size, epochs_planned=e.epochs, repeat=self.repeat,
             seed=self.seed, settings=self.settings(), store_path=self.store_path,
             store=self.store, started=now_iso(), pid=os.getpid(),
         )  # fmt: skip
@@ -122,6 +133,8 @@ def expand(experiment: Experiment) -> list[Cell]:
                     cache=cache, shuffle=shuffle, storage=storage)  # fmt: skip
         cell.skip = _why_not(cell, e.format_options.get(fmt, {}))
         cells.append(cell)
+    if e.ceilings:
+        cells += ceiling_cells(cells)
     if e.distributed is not None:
         for cell in cells:
             if cell.skip is None and get_format(cell.format).peer:
@@ -130,6 +143,22 @@ def expand(experiment: Experiment) -> list[Cell]:
                     "torchrun's processes"
                 )
     return cells
+
+
+def ceiling_cells(cells: list[Cell]) -> list[Cell]:
+    """The runs that bound the training runs of `cells`: a loader-only twin of each (data as
+    fast as its format and access mode give it, no model) and one compute-only run per
+    dataset (the model on one device-resident batch: data for free), which depends only on
+    the dataset's shape, the model and the batch size. It reads one batch of the dataset's
+    first store loadbench reads itself (a peer's only when there is none)."""
+    runnable = [c for c in cells if c.skip is None]
+    twins = [c.model_copy(update={"mode": "loader-only"}) for c in runnable]
+    compute: dict[str, Cell] = {}
+    for cell in sorted(runnable, key=lambda c: get_format(c.format).peer):
+        access = "batch" if "batch" in get_format(cell.format).accesses else cell.access
+        update = {"mode": "compute-only", "access": access, "workers": 0, "cache": "warm"}
+        compute.setdefault(cell.dataset.label, cell.model_copy(update=update))
+    return twins + list(compute.values())
 
 
 def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:

@@ -23,6 +23,7 @@ from loadbench.bench.matrix import RunSpec
 from loadbench.bench.records import RunRecord
 from loadbench.bench.torchrun import RANK_FAILED
 from loadbench.errors import LoadbenchError
+from loadbench.stages import StageWindow
 from loadbench.util import die_with_parent, now_iso, write_json_atomic
 
 
@@ -48,8 +49,10 @@ def execute(spec: RunSpec) -> RunRecord:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     with Sampler(e.sample_period_s, gpu_index=device.index or 0) as sampler:
-        if e.mode == "train":
+        if spec.mode == "train":
             _train(spec, record, sampler, device, started)
+        elif spec.mode == "compute-only":
+            _compute_only(spec, record, sampler, device, started)
         else:
             _loader_only(spec, record, sampler, device, started)
     record.total_time_s = time.perf_counter() - started
@@ -126,20 +129,26 @@ def _cache_window(store, since: dict[str, int] | None) -> dict[str, Any]:
     return {} if stats is None else {"read_through": stats}
 
 
-def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
+def _train_config(spec: RunSpec):
+    """The training configuration of a train or compute-only run."""
     from loadbench.training.config import TrainConfig
-    from loadbench.training.loop import Run
-    from loadbench.training.metrics import classification_report
 
     e = spec.experiment
-    store = open_run_store(spec, device)
-    check_store(store, spec)
-    config = TrainConfig(
+    return TrainConfig(
         data=spec.store_path, access=spec.cell.access, workers=spec.cell.workers,
         batch_size=e.batch_size, pin_memory=e.pin_memory, epochs=e.epochs, seed=spec.seed,
         device=e.device, shuffle=spec.cell.shuffle, shuffle_window=e.shuffle_window,
         chunk_cache_mb=e.chunk_cache_mb, **e.train,
     )  # fmt: skip
+
+
+def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
+    from loadbench.training.loop import Run
+    from loadbench.training.metrics import classification_report
+
+    store = open_run_store(spec, device)
+    check_store(store, spec)
+    config = _train_config(spec)
     record.epochs = []
     counts = {"since": store.files.counters.snapshot() if store.files.cached else None}
 
@@ -147,7 +156,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
         window = _cache_window(store, counts["since"])
         if store.files.cached:
             counts["since"] = store.files.counters.snapshot()
-        return {**sampler.window(), **window}
+        return {**sampler.window(), **window, **loader_stages.window()}
 
     def checked(entry: dict[str, Any]) -> None:
         record.epochs.append(entry)
@@ -156,6 +165,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
     run = Run(config, store, out_dir=None, callbacks=(checked,), epoch_extras=telemetry)
     record.order_quality = _order_quality(store, run.train_order)
     run.maybe_compile()
+    loader_stages = StageWindow(run.train_batches)  # counted from the first epoch on
     record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
     record.plan = run.plan.note
     run.fit()
@@ -167,6 +177,33 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
         "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
         "f1_macro": report["f1_macro"], "compile_time_s": run.compile_time_s,
     }  # fmt: skip
+    record.time_to_first_batch_s = _time_to_first_batch(record)
+
+
+def _compute_only(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
+    """Train the run's model on one batch that stays on the device, as many steps per epoch as
+    a train run takes: the epoch time if data were free (the compute ceiling)."""
+    import math
+
+    from loadbench.training.batches import FixedBatches
+    from loadbench.training.distributed import gather_epoch
+    from loadbench.training.loop import Run
+
+    store = open_run_store(spec, device)
+    check_store(store, spec)
+    run = Run(_train_config(spec), store, out_dir=None)
+    run.train_order.set_epoch(1)
+    images, labels = run._to_device(*next(iter(run.train_batches)))
+    per_rank = math.ceil(len(run.train_order) / run.dist.world)
+    steps = len(run.train_batches)
+    fixed = FixedBatches(images, labels, steps, per_rank - (steps - 1) * len(labels))
+    run.close()
+    run.maybe_compile()
+    record.setup = {"time_s": time.perf_counter() - started, **sampler.window()}
+    record.epochs = []
+    for epoch in range(1, spec.experiment.epochs + 1):
+        mine = {"epoch": epoch, **run.train_epoch(epoch, batches=fixed)}
+        record.epochs.append(gather_epoch(run.dist, mine, sampler.window()))
     record.time_to_first_batch_s = _time_to_first_batch(record)
 
 
@@ -217,13 +254,16 @@ def _loader_epoch(epoch: int, order, batches, store, sampler, device, dist) -> d
 
     order.set_epoch(epoch)
     since = store.files.counters.snapshot() if store.files.cached else None
+    loader_stages = StageWindow(batches)
     t0 = time.perf_counter()
     first, images_seen = None, 0
     for images, labels in batches:
+        copying = time.perf_counter_ns()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        loader_stages.copied(time.perf_counter_ns() - copying)
         if first is None:
             first = time.perf_counter() - t0
         images_seen += len(labels)
@@ -233,7 +273,7 @@ def _loader_epoch(epoch: int, order, batches, store, sampler, device, dist) -> d
         "images_per_s": images_seen / elapsed if elapsed else 0.0,
         "first_batch_s": first or 0.0, "images": images_seen,
     }  # fmt: skip
-    telemetry = {**sampler.window(), **_cache_window(store, since)}
+    telemetry = {**sampler.window(), **_cache_window(store, since), **loader_stages.window()}
     return gather_epoch(dist, mine, telemetry)  # + `ranks` under DDP
 
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from loadbench import stages
 from loadbench.errors import CorruptStoreError, LoadbenchError
 from loadbench.formats.pixels import DTYPES, to_tensor
 from loadbench.options import Option
@@ -204,6 +205,7 @@ class SplitReader:
         import torch
 
         images, labels = self.read_batch(indices)
+        stages.lap(stages.READ)  # a loader's read ends here; the conversion is its collate
         return to_tensor(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def iter_blocks(self, block: int):

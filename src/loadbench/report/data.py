@@ -1,9 +1,11 @@
 """A results directory as tables: one row per run (its latest record) and one per epoch.
 
 Per run, the epochs are reduced to what the study compares: the first epoch (cold start) apart
-from the steady state (the median of the later epochs), the data-stall share, peak memory, mean
-CPU, GPU use, bytes read. What a record lacks (no GPU, an older schema, a failed run) becomes a
-missing value, not an error.
+from the steady state (the median of the later epochs), the data-stall share, accelerator
+utilisation, where the loader's time went, peak memory, mean CPU, GPU use, bytes read. The runs
+of the experiment's mode are the tables' rows; ceiling runs (`ceilings: true`) are kept apart.
+What a record lacks (no GPU, an older schema, a failed run) becomes a missing value, not an
+error.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ CONFIG = ["format", "dtype", "access", "workers", "shuffle", "storage", "world_s
 @dataclass
 class Results:
     path: str
-    runs: pd.DataFrame  # ok runs, latest record per key
-    epochs: pd.DataFrame  # one row per epoch of the ok runs
+    runs: pd.DataFrame  # ok runs of the experiment's mode, latest record per key
+    epochs: pd.DataFrame  # one row per epoch of those runs
     failed: list[RunRecord]  # failed runs (latest record per key)
     env: dict[str, Any]
     experiment: dict[str, Any]
     schema: int | None
     notes: list[str] = field(default_factory=list)  # what is missing, said in the report
+    # ok runs of the other modes: the loader-only and compute-only runs of `ceilings: true`
+    ceilings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RUN_COLUMNS))
 
     @property
     def datasets(self) -> list[str]:
@@ -95,6 +99,9 @@ def load_results(path: str) -> Results:
         notes.append("no finished run yet: runs.jsonl is empty or missing")
     elif not ok:
         notes.append("every recorded run failed: there is nothing to measure")
+    main = experiment.get("mode") or (ok[0].mode if ok else None)
+    ceilings = [r for r in ok if r.mode not in (main, None)]
+    ok = [r for r in ok if r.mode in (main, None)]
     runs = pd.DataFrame([run_row(r) for r in ok], columns=RUN_COLUMNS)
     epochs = pd.DataFrame(
         [epoch_row(r, e) for r in ok for e in r.epochs or []], columns=EPOCH_COLUMNS
@@ -102,7 +109,8 @@ def load_results(path: str) -> Results:
     env = _json(os.path.join(path, "env.json"))
     if not env:
         notes.append("env.json is missing: the machine is not described")
-    return Results(path, runs, epochs, failed, env, experiment, schema, notes)
+    return Results(path, runs, epochs, failed, env, experiment, schema, notes,
+                   pd.DataFrame([run_row(r) for r in ceilings], columns=RUN_COLUMNS))  # fmt: skip
 
 
 def _unreadable_note(lines: list[str], shown: int = 10) -> str:
@@ -112,6 +120,9 @@ def _unreadable_note(lines: list[str], shown: int = 10) -> str:
     return f"{len(lines)} line(s) of {RUNS} are not run records and are left out: {listed}"
 
 
+# Where a loader's time goes, per epoch, summed over its worker processes (`stages.py`).
+STAGES = ("read_s", "decode_s", "collate_s", "augment_s", "h2d_s")
+
 RUN_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache", "mode",
     "repeat", "seed", "epochs", "first_epoch_s", "epoch_s", "total_time_s", "time_to_first_batch_s",
@@ -119,7 +130,8 @@ RUN_COLUMNS = [
     "system_cpu_pct_mean", "read_bytes", "gpu_util_pct_mean", "gpu_mem_bytes_max",
     "cuda_max_allocated_bytes", "store_bytes", "bytes_per_image", "convert_time_s",
     "final_accuracy", "eviction_effective", "order_jump_ratio", "order_same_class", "storage",
-    "read_through_hit_rate", "world_size", "straggler_ratio", "rank_images_per_s",
+    "read_through_hit_rate", "world_size", "straggler_ratio", "rank_images_per_s", "au",
+    "timing", *(f"stage_{s}" for s in STAGES), "stage_bytes_read",
 ]  # fmt: skip
 EPOCH_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
@@ -154,6 +166,7 @@ def run_row(r: RunRecord) -> dict[str, Any]:
     images = sum((r.store.get("images") or {}).values()) or None
     gpu_util = _values(epochs, "gpu_util_pct_mean")
     gpu_mem = _values(epochs, "gpu_mem_used_bytes_max")
+    stages = [e["stages"] for e in steady if e.get("stages")]
     return {
         **{k: getattr(r, k) for k in RECORD_KEYS},
         "epochs": len(epochs),
@@ -184,7 +197,18 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         "world_size": r.world_size or 1,
         "straggler_ratio": _median(_values(steady, "straggler_ratio")),
         "rank_images_per_s": _per_rank(steady, "images_per_s"),
+        "au": _median(_values(steady, "au")),
+        "timing": _timing(r),
+        **{f"stage_{k}": _median(_values(stages, k)) for k in (*STAGES, "bytes_read")},
     }
+
+
+def _timing(r: RunRecord) -> str | None:
+    """How a train run's epochs were timed: as recorded, else sync (every step synchronised:
+    loadbench's only timing before the choice was recorded); None for runs without a model."""
+    if r.mode not in ("train", "compute-only", None):
+        return None
+    return next((e["timing"] for e in r.epochs or [] if e.get("timing")), "sync")
 
 
 def _per_rank(epochs: list[dict[str, Any]], key: str) -> tuple[float, ...] | None:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from loadbench.formats import ALL_NAMES
-from loadbench.report.data import CONFIG, Results, warm_only
+from loadbench.report.data import CONFIG, STAGES, Results, warm_only
 from loadbench.report.tables import aggregate, config_name, order_suffix
 from loadbench.training.plots import save_png
 
@@ -51,6 +51,9 @@ def plot_dataset(results: Results, dataset: str, out_dir: str) -> dict[str, str]
         "data stall": _stall_bars(stats, dataset, f"{base}-stall.png"),
         "memory": _memory_bars(stats, dataset, f"{base}-memory.png"),
     }
+    stages = _stage_source(results, dataset)
+    if stages is not None:
+        made["loader stages"] = _stage_bars(stages, dataset, f"{base}-stages.png")
     if runs["workers"].nunique() > 1:
         made["workers"] = _workers_lines(runs, dataset, f"{base}-workers.png")
     if runs["dtype"].nunique() > 1:
@@ -106,6 +109,47 @@ def _stall_bars(stats, dataset, path):
         Patch(facecolor="#cccccc", label="compute"),
     ]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
+    return save_png(fig, path)
+
+
+STAGE_COLOURS = {"read_s": "#4c72b0", "decode_s": "#dd8452", "collate_s": "#55a868",
+                 "augment_s": "#c44e52", "h2d_s": "#8172b3"}  # fmt: skip
+
+
+def _stage_source(results: Results, dataset: str) -> pd.DataFrame | None:
+    """Per configuration, the median seconds per epoch of each loader stage: from the
+    loader-only runs when there are (no model competes for the cores), else from the main
+    runs; None when no run of the dataset counted its stages."""
+    for runs in (results.ceilings[results.ceilings["mode"] == "loader-only"], results.runs):
+        runs = warm_only(runs[runs["dataset"] == dataset]) if len(runs) else runs
+        if len(runs) and runs[[f"stage_{k}" for k in STAGES]].notna().any().any():
+            stats = _configs(runs).dropna(subset=[f"stage_{k}" for k in STAGES], how="all")
+            stats["source"] = runs["mode"].iloc[0]
+            return stats
+    return None
+
+
+def _stage_bars(stats, dataset, path):
+    fig = Figure(figsize=(7.5, 0.35 * len(stats) + 1.8), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(stats))
+    left = np.zeros(len(stats))
+    for stage in STAGES:
+        values = stats[f"stage_{stage}"].fillna(0).to_numpy(dtype=float)
+        ax.barh(y, values, left=left, color=STAGE_COLOURS[stage], label=stage.removesuffix("_s"))
+        left += values
+    # Without workers the loader works in the main process, inside the data wait: what the
+    # stages leave of it is torch's DataLoader loop and the sampler, counted by no stage.
+    wait = stats["data_wait_s"].to_numpy(dtype=float)
+    other = np.where(stats["workers"].to_numpy() == 0, np.clip(wait - left, 0, None), 0)
+    if np.nan_to_num(other).any():
+        ax.barh(y, np.nan_to_num(other), left=left, color="#cccccc",
+                label="other (DataLoader loop, sampler; no workers)")  # fmt: skip
+    ax.set_yticks(y, stats["name"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per epoch, summed over worker processes (median)")
+    ax.set_title(f"{dataset}: where the loader's time goes ({stats['source'].iloc[0]} runs)")
+    ax.legend(loc="lower right", fontsize=8)
     return save_png(fig, path)
 
 

@@ -20,7 +20,14 @@ from loadbench.errors import explain_os_error
 from loadbench.report.data import CONFIG, Results, load_results, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
-from loadbench.report.tables import Table, aggregate, config_name, dataset_table, summary_table
+from loadbench.report.tables import (
+    Table,
+    aggregate,
+    bounds_table,
+    config_name,
+    dataset_table,
+    summary_table,
+)
 from loadbench.util import interrupts_held, pid_alive
 
 
@@ -30,6 +37,7 @@ class Section:
     table: Table | None = None
     images: dict[str, str] = field(default_factory=dict)  # caption -> path
     text: list[str] = field(default_factory=list)
+    more: list[Table] = field(default_factory=list)  # tables after the images (bounds)
 
 
 @dataclass
@@ -50,7 +58,9 @@ def build(results: Results, out_dir: str, other: Results | None = None) -> Repor
     sections = []
     for ds in results.datasets:
         images = plot_dataset(results, ds, plots_dir)
-        sections.append(Section(ds, dataset_table(results, ds), images))
+        bounds = bounds_table(results, ds)
+        sections.append(Section(ds, dataset_table(results, ds), images,
+                                more=[bounds] if bounds else []))  # fmt: skip
     storage = plot_storage(results, plots_dir) if has_runs else None
     if storage:
         sections.append(Section("Storage size", None, {"bytes per image on disk": storage}))
@@ -177,6 +187,8 @@ def to_markdown(report: Report, out_dir: str) -> str:
             lines += _md_table(section.table) + [""]
         for caption, path in section.images.items():
             lines += [f"![{caption}]({os.path.relpath(path, out_dir)})", ""]
+        for table in section.more:
+            lines += [f"### {table.title}", ""] + _md_table(table) + [""]
     if report.failed:
         lines += [f"## {report.failed.title}", ""] + _md_table(report.failed) + [""]
     lines += ["## Experiment", "", "```yaml", yaml.safe_dump(r.experiment, sort_keys=False).strip(),
@@ -240,6 +252,7 @@ def to_html(report: Report) -> str:
         if section.table:
             parts.append(_html_table(section.table))
         parts += [_embedded(path, caption) for caption, path in section.images.items()]
+        parts += [f"<h3>{html.escape(t.title)}</h3>{_html_table(t)}" for t in section.more]
     if report.failed:
         parts.append(f"<h2>{html.escape(report.failed.title)}</h2>{_html_table(report.failed)}")
     experiment = yaml.safe_dump(r.experiment, sort_keys=False)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from loadbench.report.data import CONFIG, Results, warm_only
+from loadbench.report.data import CONFIG, STAGES, Results, warm_only
 
 
 @dataclass
@@ -72,6 +72,9 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         order_same_class=("order_same_class", "median"),
         read_through_hit_rate=("read_through_hit_rate", "median"),
         straggler_ratio=("straggler_ratio", "median"),
+        au=("au", "median"),
+        timing=("timing", lambda s: ", ".join(sorted(set(s.dropna()))) or None),
+        **{f"stage_{k}": (f"stage_{k}", "median") for k in (*STAGES, "bytes_read")},
     )
     out = out.reset_index()
     # Each rank's img/s, the median over repeats (groups come in the order agg gave them).
@@ -111,7 +114,8 @@ def dataset_table(results: Results, dataset: str) -> Table:
     groups = [columns for key, columns in _column_groups(caches[0]) if key is None or shown[key]]
     headers = [h for columns in groups for h in columns.headers]
     rows = [[c for columns in groups for c in columns.cells(i, r)] for i, r in table.iterrows()]
-    return Table(dataset, headers, rows, _dataset_notes(shown), table)
+    notes = _dataset_notes(shown) + _timing_notes(table["timing"])
+    return Table(dataset, headers, rows, notes, table)
 
 
 def _dataset_numbers(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -155,9 +159,9 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
                          f"epoch s ({main_cache}, median [IQR])", "x fastest"], lead)),
         ("cold", _Columns(["epoch s (cold)"], lambda i, r: [_num(r["cold_epoch_s"])])),
         (None, _Columns(
-            ["1st epoch s", "total s", "img/s", "data stall", "peak RSS", "CPU %"],
+            ["1st epoch s", "total s", "img/s", "data stall", "AU", "peak RSS", "CPU %"],
             lambda i, r: [_num(r["first_epoch_s"]), _num(r["total_time_s"]),
-                          _count(r["images_per_s"]), _pct(r["stall_share"]),
+                          _count(r["images_per_s"]), _pct(r["stall_share"]), _pct(r["au"]),
                           _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"])],
         )),
         ("gpu", _Columns(["GPU %", "GPU mem"], lambda i, r: [
@@ -171,6 +175,26 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
         (None, _Columns(["store", "bytes/img", "convert s", "accuracy"], lambda i, r: [
             _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
             _num(r["final_accuracy"], 3)])),
+    ]  # fmt: skip
+
+
+TIMING_NOTES = {
+    "overlap": "timing overlap: nothing inside an epoch waits for the device, so loading the "
+    "next batch overlaps the step, as in real training; data stall is host time blocked on the "
+    "next batch, compute is device time from CUDA events (host time on the CPU)",
+    "sync": "timing sync: the device is synchronised after every step, so load and compute are "
+    "measured apart and do not overlap (the serial breakdown)",
+}
+
+
+def _timing_notes(timings: pd.Series) -> list[str]:
+    """How the rows' epochs were timed, said once per method used; AU is defined with them."""
+    used = sorted({t for value in timings.dropna() for t in value.split(", ")})
+    if not used:
+        return []
+    return [
+        "; ".join(("some rows: " if len(used) > 1 else "") + TIMING_NOTES[t] for t in used)
+        + ". AU (accelerator utilisation) is compute time over epoch time."
     ]  # fmt: skip
 
 
@@ -204,6 +228,54 @@ def _dataset_notes(shown: dict[str, bool]) -> list[str]:
             "(1 = as random); 'same-class pairs' is the share of consecutive images of one class."
         )
     return notes
+
+
+def bounds_table(results: Results, dataset: str) -> Table | None:
+    """Each training configuration's epoch time beside its ceilings, DS-Analyzer style: the
+    loader alone (its loader-only twin) and the model alone (the dataset's compute-only run).
+    With perfect overlap an epoch takes max(loader, compute); the larger one names the bound.
+    None when the dataset has no ceiling runs."""
+    ceilings = warm_only(results.ceilings[results.ceilings["dataset"] == dataset])
+    compute = ceilings.loc[ceilings["mode"] == "compute-only", "epoch_s"].dropna()
+    loaders = aggregate(ceilings[ceilings["mode"] == "loader-only"], CONFIG)
+    if compute.empty or loaders.empty:
+        return None
+    compute_s = float(compute.median())
+    loader_s = loaders.set_index(CONFIG)["epoch_s"]
+    table = aggregate(warm_only(results.runs[results.runs["dataset"] == dataset]), CONFIG)
+    table = table.sort_values("epoch_s", na_position="last")
+    rows = []
+    for _, r in table.iterrows():
+        loader = loader_s.get(tuple(r[c] for c in CONFIG), np.nan)
+        if _nan(loader) or _nan(r["epoch_s"]):
+            continue
+        bound = max(loader, compute_s)
+        rows.append([config_name(r), _num(r["epoch_s"]), _num(loader), _num(compute_s),
+                     _num(bound), f"{r['epoch_s'] / bound:.2f}x", _pct(r["au"]),
+                     bound_name(loader, compute_s)])  # fmt: skip
+    if not rows:
+        return None
+    timing = ", ".join(sorted(set(table["timing"].dropna()))) or "-"
+    return Table(
+        f"{dataset}: what bounds each epoch",
+        ["configuration", "epoch s", "loader s", "compute s", "max", "epoch / max", "AU",
+         "bound"],
+        rows,
+        [f"loader s: the same configuration with no model (loader-only); compute s: the model "
+         f"on one batch that stays on the device (compute-only), the epoch if data were free. "
+         f"With perfect overlap an epoch takes max(loader, compute); 'epoch / max' above 1 is "
+         f"time neither explains. AU is compute time over epoch time (MLPerf's accelerator "
+         f"utilisation). Medians over repeats, steady-state epochs; timing: {timing}."],
+    )  # fmt: skip
+
+
+def bound_name(loader_s: float, compute_s: float) -> str:
+    """'data-bound: loader 2.1x slower than the model', or the compute-bound sentence."""
+    if _nan(loader_s) or _nan(compute_s) or min(loader_s, compute_s) <= 0:
+        return "-"
+    if loader_s > compute_s:
+        return f"data-bound: loader {loader_s / compute_s:.1f}x slower than the model"
+    return f"compute-bound: model {compute_s / loader_s:.1f}x slower than the loader"
 
 
 def summary_table(results: Results) -> Table:

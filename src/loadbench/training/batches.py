@@ -93,3 +93,20 @@ def shutdown(batches) -> None:
     from loadbench.training.loaders import stop_workers
 
     stop_workers(batches)
+
+
+class FixedBatches:
+    """One batch, already on the device, handed out `steps` times (the last time cut to `last`
+    images, as an epoch's last batch is): what a compute-only run trains on, so that its epoch
+    takes the model's time alone, as if data were free."""
+
+    def __init__(self, images, labels, steps: int, last: int):
+        self.images, self.labels, self.steps, self.last = images, labels, steps, last
+
+    def __iter__(self):
+        for step in range(self.steps):
+            n = self.last if step == self.steps - 1 else len(self.labels)
+            yield self.images[:n], self.labels[:n]
+
+    def __len__(self) -> int:
+        return self.steps

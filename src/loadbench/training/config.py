@@ -49,6 +49,12 @@ RUN_OPTIONS = {
     "device": Option("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)", parse=_device),
     "amp": Option(False, "mixed precision (fp16 on CUDA, bf16 on CPU)", kind=bool),
     "compile": Option(False, "torch.compile the model (compile time reported apart)", kind=bool),
+    "timing": Option(
+        "overlap",
+        "overlap: no host-device sync inside an epoch, as real training runs (CUDA events time "
+        "compute); sync: sync after every step (load and compute apart, no overlap)",
+        choices=("overlap", "sync"),
+    ),
     "seed": Option(
         0,
         "seeds Python, NumPy and torch, and a source given as DATA (its resplit, carved "

@@ -3,9 +3,10 @@
 `torchrun --nproc-per-node N -m loadbench train ...` starts N processes with RANK, WORLD_SIZE,
 LOCAL_RANK and LOCAL_WORLD_SIZE in their environment. `setup(device)` starts the process group
 from them, once per process: NCCL when the run's device is CUDA (each process on
-cuda:LOCAL_RANK), Gloo otherwise. Without torchrun, or with a world of one, `Dist` is a single
-process whose collectives return at once, so training, evaluation and the benchmark go through
-the same code either way.
+cuda:LOCAL_RANK), Gloo otherwise. LOADBENCH_DDP_BACKEND=gloo runs CUDA ranks over Gloo instead
+(ranks then share GPUs round-robin: two ranks on a one-GPU machine). Without torchrun, or with a
+world of one, `Dist` is a single process whose collectives return at once, so training,
+evaluation and the benchmark go through the same code either way.
 
 Under DDP every rank computes the same things from the same seed (model, normalisation, epoch
 order), trains on its shard of each epoch (`training.sharding.Shard`), and gathers what is reported:
@@ -27,7 +28,8 @@ from loadbench.errors import LoadbenchError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # What each rank reports of an epoch, besides the telemetry window of the benchmark's sampler.
-RANK_KEYS = ("time_s", "data_wait_s", "compute_s", "images_per_s", "first_batch_s", "images")
+RANK_KEYS = ("time_s", "data_wait_s", "compute_s", "au", "images_per_s", "first_batch_s",
+             "images")  # fmt: skip
 
 
 @dataclass
@@ -49,9 +51,12 @@ class Dist:
         return self.backend is not None
 
     def place(self, device: torch.device) -> torch.device:
-        """The device of this rank: cuda:LOCAL_RANK for a CUDA run under torchrun."""
+        """The device of this rank: cuda:LOCAL_RANK for a CUDA run under torchrun (over Gloo,
+        LOCAL_RANK modulo the GPUs there are)."""
         if self.active and device.type == "cuda":
-            return torch.device("cuda", self.local_rank)
+            shared = self.backend == "gloo"
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count() if shared
+                                else self.local_rank)  # fmt: skip
         return device
 
     def barrier(self) -> None:
@@ -118,15 +123,24 @@ def setup(device: torch.device) -> Dist:
         _current = Dist()
         return _current
     rank, world, local_rank, local_world = (int(os.environ[key]) for key in ENV)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = os.environ.get("LOADBENCH_DDP_BACKEND") or (
+        "nccl" if device.type == "cuda" else "gloo"
+    )
+    if backend not in ("nccl", "gloo"):
+        raise LoadbenchError(f"LOADBENCH_DDP_BACKEND={backend}: use nccl or gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise LoadbenchError("LOADBENCH_DDP_BACKEND=nccl needs --device cuda")
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
             raise LoadbenchError(
                 f"torchrun started {local_world} processes on this node but it has "
                 f"{torch.cuda.device_count()} GPU(s): use --nproc-per-node "
-                f"{torch.cuda.device_count()} or --device cpu"
+                f"{torch.cuda.device_count()}, --device cpu, or LOADBENCH_DDP_BACKEND=gloo "
+                "(ranks then share GPUs)"
             )
         torch.cuda.set_device(local_rank)
+    elif device.type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     torch.distributed.init_process_group(backend)
     _current = Dist(rank, world, local_rank, local_world, backend)
     atexit.register(_current.destroy)

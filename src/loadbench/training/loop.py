@@ -1,10 +1,11 @@
 """The training run: data, model, optimizer and schedule in, history, metrics and files out.
 
 Every epoch records what the benchmark needs besides loss and accuracy: wall time, time waiting
-for the next batch (data stall) and compute time (with CUDA synchronised), images per second and
-time to the first batch. Each epoch ends with an atomic checkpoint, so an interrupted run resumes
-(`--resume RUN_DIR`) from its last finished epoch and gives the same history as an
-uninterrupted one.
+for the next batch (data stall), compute time and accelerator utilisation (compute over wall
+time), timed without breaking the overlap of loading and computing (`timing.py`), images per
+second and time to the first batch. Each epoch ends with an atomic checkpoint, so an
+interrupted run resumes (`--resume RUN_DIR`) from its last finished epoch and gives the same
+history as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loadbench.training.order import EpochOrder
 from loadbench.training.runfiles import json_able, restore, save_progress
 from loadbench.training.sharding import Shard
 from loadbench.training.splits import SplitPlan, channel_stats, labels_of, plan_splits
+from loadbench.training.timing import DeviceTotals, StepClock
 
 
 def open_run_data(config: TrainConfig) -> Store:
@@ -228,43 +230,49 @@ class Run:
         self.scaler.update()
         return logits.detach(), loss.detach()
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int, batches=None) -> dict[str, Any]:
+        """One epoch over the training batches (or `batches`: compute-only runs give one
+        device-resident batch again and again), timed as `timing` says (see `StepClock`)."""
         self.train_mode()
         self.train_order.set_epoch(epoch)
         torch.manual_seed(self.config.seed * 7919 + epoch)  # dropout: same per epoch on resume
-        meter = EpochMeter()
-        data_wait = compute = 0.0
+        batches = self.train_batches if batches is None else batches
+        clock = StepClock(self.device, self.config.timing)
+        totals = DeviceTotals(self.device)
         first_batch = None
-        batches = len(self.train_batches)
+        steps = len(batches)
         started = time.perf_counter()
-        with progress.task(f"epoch {epoch}", batches) as advance:
-            iterator = iter(self.train_batches)
-            for i in range(batches + 1):
+        with progress.task(f"epoch {epoch}", steps) as advance:
+            iterator = iter(batches)
+            for i in range(steps + 1):
                 t0 = time.perf_counter()
                 try:
                     images, labels = next(iterator)
                 except StopIteration:
                     break
                 images, labels = self._to_device(images, labels)
-                t1 = time.perf_counter()
-                data_wait += t1 - t0
+                clock.waited(time.perf_counter() - t0)
                 if first_batch is None:
-                    first_batch = t1 - started
-                logits, loss = self.train_step(images, labels)
-                self.schedule.after_batch(epoch - 1, i, batches)
-                meter.update(float(loss), logits, labels)
-                self._sync()
-                compute += time.perf_counter() - t1
+                    first_batch = time.perf_counter() - started
+                with clock.step():
+                    logits, loss = self.train_step(images, labels)
+                    self.schedule.after_batch(epoch - 1, i, steps)
+                    totals.add(loss, logits, labels)
                 advance(1)
+        clock.finish()  # the epoch's one synchronisation (overlap timing)
         elapsed = time.perf_counter() - started
         self.dist.broadcast_buffers(self.model)  # every rank evaluates and saves one model
+        meter = totals.meter()
         overall = self._all_ranks(meter)
+        compute = clock.compute_s()
         return {
             "time_s": elapsed,
             "train_loss": overall.loss,
             "train_accuracy": overall.accuracy,
-            "data_wait_s": data_wait,
+            "data_wait_s": clock.data_wait_s,
             "compute_s": compute,
+            "au": min(1.0, compute / elapsed) if elapsed > 0 else None,
+            "timing": clock.timing,
             "images_per_s": meter.count / elapsed if elapsed > 0 else 0.0,
             "first_batch_s": first_batch or 0.0,
             "images": meter.count,
@@ -422,7 +430,7 @@ def _epoch_line(r: dict[str, Any], epochs: int, evaluated: str) -> str:
         f"lr {r['lr']:.3g}  "
         f"train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.3f}  "
         f"{evaluated} loss {r[f'{evaluated}_loss']:.4f} acc {r[f'{evaluated}_accuracy']:.3f}  "
-        f"data wait {r['data_wait_s']:.2f}s  {r['images_per_s']:,.0f} img/s"
+        f"data wait {r['data_wait_s']:.2f}s  AU {r['au'] or 0:.0%}  {r['images_per_s']:,.0f} img/s"
         + (f"  ({len(r['ranks'])} ranks, slowest/median {r['straggler_ratio']:.2f}x)"
            if r.get("straggler_ratio") else "")
     )  # fmt: skip

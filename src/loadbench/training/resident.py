@@ -11,7 +11,7 @@ import torch
 
 from loadbench.formats.pixels import DTYPES, to_tensor
 from loadbench.store import Store
-from loadbench.training.augment import Augmenter, augment_batch
+from loadbench.training.augment import Augmenter
 from loadbench.training.order import EpochOrder
 from loadbench.training.sharding import Shard, shard_order, trace_shard
 
@@ -67,13 +67,10 @@ class DeviceBatches:
         for start in range(0, len(indices), self.batch_size):
             batch = index[start : start + self.batch_size]
             images, labels = to_tensor(self.images[batch]), self.labels[batch]
-            if self.augmenter is not None:
-                keys = [
-                    (self.offset + start + k, int(indices[start + k]), bool(copies[start + k]),
-                     epoch)
-                    for k in range(len(batch))
-                ]  # fmt: skip
-                images = augment_batch(images, keys, self.augmenter)
+            if self.augmenter is not None:  # one batched call, the keys as arrays
+                stop = start + len(batch)
+                positions = self.offset + np.arange(start, stop)
+                images = self.augmenter.batch(images, positions, copies[start:stop], epoch)
             yield images, labels
 
     def __len__(self) -> int:

@@ -20,7 +20,7 @@ def history_columns(evaluated: str = "val") -> tuple[str, ...]:
     when the store has no val split and nothing is chosen on it)."""
     return (
         "epoch", "time_s", "lr", "train_loss", "train_accuracy", f"{evaluated}_loss",
-        f"{evaluated}_accuracy", "data_wait_s", "compute_s", "eval_time_s", "images_per_s",
+        f"{evaluated}_accuracy", "data_wait_s", "compute_s", "au", "eval_time_s", "images_per_s",
         "first_batch_s",
     )  # fmt: skip
 
