@@ -19,7 +19,7 @@ Checks (the GPU gives the CPU's batches, pinned batches are pinned, the tensor f
 CuPy's memory, losses are finite, the model is on the GPU, the telemetry reads the GPU) decide
 the exit status; targets (ratios the design expects) are reported met or MISSED without changing
 it. Every number comes from this run: compare within it. Without CUDA it says so in one line and
-exits 0. Sized for about 2 minutes on an H200 (not yet timed there); scripts/device.sh
+exits 0. Sized for about 3 minutes on an H200 (not yet timed there); scripts/device.sh
 runs it on the lent GPU machine.
 
     python benchmarks/gpu_check.py [--count 20000] [--epochs 4] [--h2d-mib 1024]

@@ -36,7 +36,7 @@
 # Settings (environment): PYTHON (the device's interpreter, default python3), DEVICE_PY (the
 # Python version the wheels are for, default 3.12), WHEELS_DIR (default .device-wheels),
 # DEVICE_VENV (default .device-venv), TEST_TIMEOUT and CHECK_TIMEOUT (seconds, defaults 240 and
-# 270), GPU_CHECK_ARGS (extra arguments of gpu_check.py).
+# 300), GPU_CHECK_ARGS (extra arguments of gpu_check.py).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -46,7 +46,7 @@ DEVICE_VENV=${DEVICE_VENV:-.device-venv}
 DEVICE_PY=${DEVICE_PY:-3.12}
 PYTHON=${PYTHON:-python3}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
-CHECK_TIMEOUT=${CHECK_TIMEOUT:-270}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
 MAX_WHEELS_MIB=48 # of the 64 MiB the device tool carries, the rest is for the work tree
 
 # What the device's python lacks, pinned to the versions the project's .venv tests with. Update a

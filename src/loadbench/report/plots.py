@@ -130,13 +130,15 @@ def _stage_source(results: Results, dataset: str) -> pd.DataFrame | None:
 
 
 def _stage_bars(stats, dataset, path):
-    fig = Figure(figsize=(7.5, 0.35 * len(stats) + 1.8), layout="constrained")
+    fig = Figure(figsize=(7.5, 0.35 * len(stats) + 2.2), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(stats))
     left = np.zeros(len(stats))
     for stage in STAGES:
         values = stats[f"stage_{stage}"].fillna(0).to_numpy(dtype=float)
-        ax.barh(y, values, left=left, color=STAGE_COLOURS[stage], label=stage.removesuffix("_s"))
+        if values.any():  # a stage no row has (no augmentation, no copy timed) is left out
+            ax.barh(y, values, left=left, color=STAGE_COLOURS[stage],
+                    label=stage.removesuffix("_s"))  # fmt: skip
         left += values
     # Without workers the loader works in the main process, inside the data wait: what the
     # stages leave of it is torch's DataLoader loop and the sampler, counted by no stage.
@@ -149,7 +151,7 @@ def _stage_bars(stats, dataset, path):
     ax.invert_yaxis()
     ax.set_xlabel("seconds per epoch, summed over worker processes (median)")
     ax.set_title(f"{dataset}: where the loader's time goes ({stats['source'].iloc[0]} runs)")
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     return save_png(fig, path)
 
 

@@ -179,9 +179,10 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
 
 
 TIMING_NOTES = {
-    "overlap": "timing overlap: nothing inside an epoch waits for the device, so loading the "
-    "next batch overlaps the step, as in real training; data stall is host time blocked on the "
-    "next batch, compute is device time from CUDA events (host time on the CPU)",
+    "overlap": "timing overlap: nothing inside an epoch waits for the device, so on a GPU the "
+    "next batch loads while the step computes, as in real training (on the CPU, loading overlaps "
+    "computing only in DataLoader workers); data stall is host time blocked on the next batch, "
+    "compute is device time from CUDA events (the step's host time on the CPU)",
     "sync": "timing sync: the device is synchronised after every step, so load and compute are "
     "measured apart and do not overlap (the serial breakdown)",
 }
@@ -264,7 +265,8 @@ def bounds_table(results: Results, dataset: str) -> Table | None:
         [f"loader s: the same configuration with no model (loader-only); compute s: the model "
          f"on one batch that stays on the device (compute-only), the epoch if data were free. "
          f"With perfect overlap an epoch takes max(loader, compute); 'epoch / max' above 1 is "
-         f"time neither explains. AU is compute time over epoch time (MLPerf's accelerator "
+         f"overlap lost (without workers on the CPU, loader and model take turns) or time "
+         f"neither explains. AU is compute time over epoch time (MLPerf's accelerator "
          f"utilisation). Medians over repeats, steady-state epochs; timing: {timing}."],
     )  # fmt: skip
 
