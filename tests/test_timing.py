@@ -147,6 +147,13 @@ def test_ceilings_leave_the_keys_of_train_runs_alone():
     assert plain == with_ceilings
 
 
+def test_a_compute_only_experiment_runs_once_per_dataset():
+    e = matrix(mode="compute-only", ceilings=False)
+    runs = plan_runs(e, expand(e))
+    assert sorted(r.cell.dataset.label for r in runs) == ["digits", "digits", "tiny", "tiny"]
+    assert {r.mode for r in runs} == {"compute-only"} and len({r.key for r in runs}) == 4
+
+
 def test_ceilings_need_train_mode():
     with pytest.raises(ValueError, match="ceilings: true adds"):
         matrix(mode="loader-only")

@@ -133,6 +133,8 @@ def expand(experiment: Experiment) -> list[Cell]:
                     cache=cache, shuffle=shuffle, storage=storage)  # fmt: skip
         cell.skip = _why_not(cell, e.format_options.get(fmt, {}))
         cells.append(cell)
+    if e.mode == "compute-only":  # the model alone: one run per dataset, whatever the formats
+        cells = [c for c in cells if c.skip] + compute_only_cells(cells)
     if e.ceilings:
         cells += ceiling_cells(cells)
     if e.distributed is not None:
@@ -149,16 +151,21 @@ def ceiling_cells(cells: list[Cell]) -> list[Cell]:
     """The runs that bound the training runs of `cells`: a loader-only twin of each (data as
     fast as its format and access mode give it, no model) and one compute-only run per
     dataset (the model on one device-resident batch: data for free), which depends only on
-    the dataset's shape, the model and the batch size. It reads one batch of the dataset's
-    first store loadbench reads itself (a peer's only when there is none)."""
-    runnable = [c for c in cells if c.skip is None]
-    twins = [c.model_copy(update={"mode": "loader-only"}) for c in runnable]
+    the dataset's shape, the model and the batch size."""
+    twins = [c.model_copy(update={"mode": "loader-only"}) for c in cells if c.skip is None]
+    return twins + compute_only_cells(cells)
+
+
+def compute_only_cells(cells: list[Cell]) -> list[Cell]:
+    """One compute-only cell per dataset of `cells`, on its first runnable store that loadbench
+    reads itself (a peer's only when there is none)."""
     compute: dict[str, Cell] = {}
+    runnable = [c for c in cells if c.skip is None]
     for cell in sorted(runnable, key=lambda c: get_format(c.format).peer):
         access = "batch" if "batch" in get_format(cell.format).accesses else cell.access
         update = {"mode": "compute-only", "access": access, "workers": 0, "cache": "warm"}
         compute.setdefault(cell.dataset.label, cell.model_copy(update=update))
-    return twins + list(compute.values())
+    return list(compute.values())
 
 
 def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
