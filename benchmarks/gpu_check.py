@@ -326,8 +326,8 @@ def default_formats(results: Results, tmp: str, count: int) -> None:
     dataset's compute-only ceiling): loader img/s, accelerator utilisation, stall and bound."""
     from loadbench.bench.experiment import Experiment, load_experiment
     from loadbench.bench.runner import run_experiment
+    from loadbench.report.bounds import bound_name
     from loadbench.report.data import load_results
-    from loadbench.report.tables import bound_name
 
     formats = load_experiment(None).formats
     spec = f"synthetic:cifar-like?count={count}&eval_count={max(200, count // 10)}"

@@ -304,7 +304,7 @@ def test_ctrl_c_during_a_report_leaves_the_report_before_it_whole(tmp_path, caps
     results = results_dir(tmp_path, record("a") + "\n")
     out = tmp_path / "report"
     _, written = write_report(str(results), str(out))
-    before = {name: (out / name).read_text() for name in ("report.md", "report.html")}
+    before = {name: (out / name).read_text() for name in ("report.md", "report.html", "card.json")}
     (results / RUNS).write_text(record("a") + "\n" + record("b") + "\n")
 
     def interrupted(report):
@@ -313,13 +313,13 @@ def test_ctrl_c_during_a_report_leaves_the_report_before_it_whole(tmp_path, caps
     monkeypatch.setattr(render, "to_html", interrupted)  # after the plots and report.md
     code, _, err = main(monkeypatch, capsys, "report", results, "--out", out)
     assert code == 130 and "Traceback" not in err  # (typer exits 130 silently)
-    assert sorted(os.listdir(out)) == ["report.html", "report.md"]  # no staging left
+    assert sorted(os.listdir(out)) == ["card.json", "report.html", "report.md"]  # no staging
     assert {name: (out / name).read_text() for name in before} == before
     # A killed report's staging folder goes with the next report.
     os.mkdir(out / f".report.partial-{dead_pid()}")
     monkeypatch.undo()
     write_report(str(results), str(out))
-    assert sorted(os.listdir(out)) == ["report.html", "report.md"]
+    assert sorted(os.listdir(out)) == ["card.json", "report.html", "report.md"]
     assert "1 failed" in before["report.md"] and "2 failed" in (out / "report.md").read_text()
 
 

@@ -382,8 +382,8 @@ def test_torch_compile_trains_on_cuda(gpu_stores, tmp_path):
 def test_a_ceilings_bench_on_cuda_names_the_bound(tmp_path, fresh):
     from loadbench.bench.experiment import Experiment
     from loadbench.bench.runner import run_experiment
+    from loadbench.report.bounds import bounds_table
     from loadbench.report.data import load_results
-    from loadbench.report.tables import bounds_table
 
     exp = Experiment.model_validate({
         "name": "gpu-ceilings", "device": "cuda", "epochs": 2, "repeats": 1, "batch_size": 32,

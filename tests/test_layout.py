@@ -16,7 +16,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Low to high: an import may point to its own layer or below, never up.
 LAYERS = [
-    ("base", ["errors", "progress", "util", "options", "parallel", "version"]),
+    ("base", ["errors", "progress", "util", "options", "parallel", "version", "significance"]),
     ("data", ["sources", "formats", "remote", "readthrough", "stages", "storefiles", "manifest",
               "store", "checksums", "writing", "conversion", "upload", "verify", "stats"]),
     ("training", ["training"]),

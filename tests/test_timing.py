@@ -17,9 +17,9 @@ import loadbench
 from loadbench.bench.experiment import Experiment
 from loadbench.bench.matrix import expand, plan_runs
 from loadbench.bench.runner import run_experiment
+from loadbench.report.bounds import bound_name, bounds_table
 from loadbench.report.data import load_results
 from loadbench.report.plots import plot_dataset
-from loadbench.report.tables import bound_name, bounds_table
 from loadbench.training.config import TrainConfig
 from loadbench.training.loop import Run
 from loadbench.training.metrics import EpochMeter

@@ -55,20 +55,24 @@ def note(text: str) -> None:
 
 
 @contextlib.contextmanager
-def task(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar for one step; yields `advance(n)`. A no-op unless progress is enabled.
+def task(description: str, total: int | None, *,
+         average_over_s: float = 30.0) -> Iterator[Callable[..., None]]:  # fmt: skip
+    """A progress bar for one step; yields `advance(n, total=None)` (a new `total` when the
+    step grows or shrinks as it goes). A no-op unless progress is enabled.
 
     Nested steps share one live display, so a conversion shows its source decoding and its
-    writing as two bars rather than fighting over the terminal.
+    writing as two bars rather than fighting over the terminal. The time remaining is from
+    the rate over the last `average_over_s` (of the outermost bar): a bench whose runs take
+    minutes each needs it longer than rich's 30 s to show one.
     """
     if not _enabled.get():
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     outer = _active.get()
     if outer is not None:
         task_id = outer.add_task(description, total=total)
         try:
-            yield lambda n=1: outer.advance(task_id, n)
+            yield _advancer(outer, task_id)
         finally:
             outer.remove_task(task_id)
         return
@@ -81,11 +85,24 @@ def task(description: str, total: int | None) -> Iterator[Callable[[int], None]]
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        speed_estimate_period=average_over_s,
     )
     with bar:
         token = _active.set(bar)
         task_id = bar.add_task(description, total=total)
         try:
-            yield lambda n=1: bar.advance(task_id, n)
+            yield _advancer(bar, task_id)
         finally:
             _active.reset(token)
+
+
+def _advancer(bar: Progress, task_id) -> Callable[..., None]:
+    """`advance(n, total=None)` of one task of `bar`."""
+    (task,) = [t for t in bar.tasks if t.id == task_id]
+
+    def advance(n: int = 1, total: int | None = None) -> None:
+        if total is not None:  # not update(total=...): that forgets the rate, and the ETA
+            task.total = total
+        bar.advance(task_id, n)
+
+    return advance

@@ -47,6 +47,43 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def git_dirty() -> bool | None:
+    """Whether loadbench's checkout has uncommitted changes to tracked files (then the commit
+    alone does not say what code ran); None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+# The libraries a result depends on besides torch and numpy (pip names): the formats' storage
+# libraries, the peer loaders', the decoders and what the report computes with.
+LIBRARIES = (
+    "torchvision", "pillow", "h5py", "zarr", "numcodecs", "lmdb", "webdataset", "tfrecord",
+    "protobuf", "pyarrow", "fsspec", "s3fs", "datasets", "litdata", "pandas", "scipy",
+    "nvidia-ml-py",
+)  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of `LIBRARIES` (None: not installed), read from the
+    packages' metadata: importing h5py, zarr or datasets would take seconds."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def gpu_info() -> list[dict[str, Any]]:
     """Name and memory of every NVIDIA GPU, from NVML (no CUDA context is created)."""
     try:
@@ -93,10 +130,12 @@ def environment(stores_dir: str | None = None) -> dict[str, Any]:
     return {
         "loadbench": __version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "numpy": numpy.__version__,
+        "libraries": library_versions(),
         "os": f"{platform.system()} {platform.release()}",
         "hostname": socket.gethostname(),
         "cpu": cpu_model(),

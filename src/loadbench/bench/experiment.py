@@ -11,7 +11,7 @@ repeats, and the training every run does. Validated with pydantic; expanded into
     workers: [0, 2]
     shuffle: [exact]                             # and/or block (chunk-aware, opt-in)
     epochs: 3
-    repeats: 10
+    repeats: 10                                  # or {min: 3, max: 10, ci_pct: 2}: adaptive
     cache: warm                                  # warm | cold | both
     mode: train                                  # train | loader-only | compute-only
     ceilings: false                              # true: + loader-only and compute-only runs
@@ -143,6 +143,26 @@ class Distributed(BaseModel):
         return self.nproc_per_node * self.nnodes
 
 
+class AdaptiveRepeats(BaseModel):
+    """Repeats until the median is known well enough: after `min` repeats, a configuration
+    gets another while the 95% interval of its median steady-state epoch time is wider than
+    `ci_pct` percent of that median, up to `max` (the rule is in `bench/repeats.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(3, ge=2, description="repeats every configuration runs (an interval needs 2)")
+    max: int = Field(10, ge=2, description="repeats no configuration goes beyond")
+    ci_pct: float = Field(
+        2.0, gt=0, le=100, description="stop once the interval is this % of the median or less"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AdaptiveRepeats:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is more than max {self.max}")
+        return self
+
+
 class _Matrix(BaseModel):
     """The keys of an experiment that are its own (the training options it sets for every run
     are added from their declarations below)."""
@@ -162,7 +182,11 @@ class _Matrix(BaseModel):
         default_factory=lambda: [ORDER_OPTIONS["shuffle"].default],
         description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
     )
-    repeats: int = Field(10, gt=0)
+    repeats: int | AdaptiveRepeats = Field(
+        10,
+        description="runs per configuration, or {min, max, ci_pct} to repeat until the "
+        "median epoch time is known to ci_pct percent",
+    )
     cache: Literal["warm", "cold", "both"] = "warm"
     mode: Literal[MODES] = "train"
     ceilings: bool = Field(
@@ -200,6 +224,24 @@ class _Matrix(BaseModel):
                 get_format(name).parse_options(options)
             except LoadbenchError as e:
                 raise ValueError(str(e)) from None
+        return value
+
+    @field_validator("repeats", mode="before")
+    @classmethod
+    def _repeats(cls, value: Any) -> Any:
+        """One message per mistake, instead of pydantic's one per member of the union."""
+        if isinstance(value, dict):
+            try:
+                return AdaptiveRepeats.model_validate(value)
+            except ValidationError as e:
+                raise ValueError(_said(e, "{min: 3, max: 10, ci_pct: 2}")) from None
+        if isinstance(value, AdaptiveRepeats):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{value!r} is not a number of repeats (1 or more) nor {{min: 3, max: 10, "
+                "ci_pct: 2}"
+            )
         return value
 
     @field_validator("storage", mode="before")
@@ -247,8 +289,41 @@ class _Matrix(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_node_decides(self) -> _Matrix:
+        if self.adaptive and self.distributed is not None and self.distributed.nnodes > 1:
+            raise ValueError(
+                "adaptive repeats are decided by each node's bench from runs.jsonl, and nodes "
+                "could decide apart: use a fixed number of repeats with nnodes > 1"
+            )
+        return self
+
     def cache_states(self) -> list[str]:
         return ["warm", "cold"] if self.cache == "both" else [self.cache]
+
+    @property
+    def adaptive(self) -> AdaptiveRepeats | None:
+        """The stopping rule of adaptive repeats; None for a fixed count."""
+        return self.repeats if isinstance(self.repeats, AdaptiveRepeats) else None
+
+    def repeat_range(self) -> tuple[int, int]:
+        """The fewest and the most repeats a configuration gets (equal for a fixed count)."""
+        rule = self.adaptive
+        return (rule.min, rule.max) if rule else (self.repeats, self.repeats)
+
+
+def _said(error: ValidationError, example: str | None = None) -> str:
+    """Validation errors in one line, each as `where: what` (an unknown key with `example`,
+    the keys that are known)."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {where!r}" + (f" (write {example})" if example else ""))
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 # Training options an experiment sets for every run, from their declarations (the matrix sets
@@ -287,12 +362,4 @@ def load_experiment(path: str | None) -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for item in e.errors():
-            where = ".".join(str(p) for p in item["loc"])
-            if item["type"] == "extra_forbidden":
-                problems.append(f"unknown key {where!r}")
-            else:
-                message = item["msg"].removeprefix("Value error, ")
-                problems.append(f"{where}: {message}" if where else message)
-        raise LoadbenchError(f"{path}: " + "; ".join(problems)) from None
+        raise LoadbenchError(f"{path}: {_said(e)}") from None

@@ -1,5 +1,5 @@
 """An experiment expanded: its cells (one combination of the matrix each) and its runs (a cell
-and a repeat), each run keyed by a hash of its settings.
+and a repeat), each run keyed by a hash of its settings and its repeat.
 
 A `RunSpec` is everything one run needs. The runner writes it as JSON for the run's own process
 (a fork of the template, a fresh interpreter, or every rank under torchrun), which reads it back
@@ -194,15 +194,24 @@ def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
 
 
 def plan_runs(experiment: Experiment, cells: list[Cell]) -> list[RunSpec]:
-    """Runs in interleaved order: repeat 1 of every cell, then repeat 2, ... so that drift on
-    a noisy machine spreads over all formats instead of favouring the ones run first."""
+    """Every run the experiment may run, in interleaved order: repeat 1 of every cell, then
+    repeat 2, ... so that drift on a noisy machine spreads over all formats instead of
+    favouring the ones run first. With adaptive repeats, the rounds past `min` run only for
+    the cells that still need them (`bench/repeats.py`)."""
+    _, most = experiment.repeat_range()
+    return [spec for repeat in range(most) for spec in plan_round(experiment, cells, repeat)]
+
+
+def plan_round(experiment: Experiment, cells: list[Cell], repeat: int) -> list[RunSpec]:
+    """Repeat `repeat` (from 0) of every runnable cell of `cells`. Its key hashes the settings
+    and the repeat only, not the number of repeats: a fixed count and adaptive repeats share
+    the keys of the repeats they both run, and a longer experiment extends a shorter one."""
     runs = []
-    for repeat in range(experiment.repeats):
-        for cell in cells:
-            if cell.skip:
-                continue
-            spec = RunSpec(repeat=repeat, seed=experiment.seed + repeat, cell=cell,
-                           experiment=experiment)  # fmt: skip
-            spec.key = run_key(spec.settings(), repeat)
-            runs.append(spec)
+    for cell in cells:
+        if cell.skip:
+            continue
+        spec = RunSpec(repeat=repeat, seed=experiment.seed + repeat, cell=cell,
+                       experiment=experiment)  # fmt: skip
+        spec.key = run_key(spec.settings(), repeat)
+        runs.append(spec)
     return runs

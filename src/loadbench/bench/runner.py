@@ -6,6 +6,10 @@ the same command again skips what is done: an experiment killed at any point los
 run in progress. Failed runs are recorded with their error and tried again on the next
 invocation; the report keeps the last record of every key.
 
+Runs go in rounds, round r being repeat r of every configuration still going: all of them for a
+fixed count, those whose median is not yet known well enough for adaptive repeats
+(`repeats.py`, which decides after each round and writes repeats.json).
+
 One bench writes a results directory at a time (`lock.py`). Belt and braces where a lock cannot
 reach (a network file system): runs.jsonl is read again before each run and before its record
 is appended, so a run already recorded ok is neither run nor recorded again.
@@ -29,7 +33,7 @@ from loadbench.bench.env import environment
 from loadbench.bench.experiment import Experiment
 from loadbench.bench.launch import FreshInterpreters, Template
 from loadbench.bench.lock import is_lock_file, results_lock
-from loadbench.bench.matrix import Cell, RunSpec, expand, plan_runs
+from loadbench.bench.matrix import Cell, RunSpec, expand
 from loadbench.bench.records import (
     MARKER,
     RESULTS_SCHEMA,
@@ -39,6 +43,7 @@ from loadbench.bench.records import (
     append_run,
     heal_runs,
 )
+from loadbench.bench.repeats import RepeatPlan, latest_by_key
 from loadbench.bench.torchrun import Torchrun, settle
 from loadbench.errors import LoadbenchError, writing
 from loadbench.remote import join
@@ -123,7 +128,6 @@ def run_experiment(
     outcome = Outcome()
     cells = expand(experiment)
     outcome.not_run = [(c.label, c.skip) for c in cells if c.skip]
-    runs = plan_runs(experiment, cells)
     with writing(results_dir, "making the results directory"):
         os.makedirs(results_dir, exist_ok=True)
     nodes = experiment.distributed.nnodes if experiment.distributed is not None else 1
@@ -133,29 +137,67 @@ def run_experiment(
             prepare_results(results_dir, experiment, stores_dir)
         outcome.note(heal_runs(results_dir))
         recorded = RecordedOk(results_dir)
-        pending = [r for r in runs if r.key not in recorded.current()]
-        outcome.skipped_done = len(runs) - len(pending)
-        if pending:
-            _run_pending(experiment, pending, recorded, stores_dir, python, outcome)
+        _run_rounds(experiment, RepeatPlan(experiment, cells), recorded, stores_dir, python,
+                    outcome)  # fmt: skip
     return outcome
 
 
-def _run_pending(experiment: Experiment, pending: list[RunSpec], recorded: RecordedOk,
-                 stores_dir: str, python: str, outcome: Outcome) -> None:  # fmt: skip
-    stores = convert_stores(experiment, pending, stores_dir)
-    processes = launcher(experiment, python)
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="loadbench-runs-") as scratch,
-            progress.task(f"bench {experiment.name}", len(pending)) as advance,
-        ):
-            for number, spec in enumerate(pending, 1):
-                label = f"[{number}/{len(pending)}] {spec.cell.label} repeat {spec.repeat + 1}"
-                _run_one(spec, stores[_store_key(spec.cell)], label, recorded, scratch,
-                         processes, outcome)  # fmt: skip
-                advance(1)
-    finally:
-        processes.close()
+@dataclass
+class _Bench:
+    """What the rounds of one bench share: stores converted, the run processes, progress."""
+
+    experiment: Experiment
+    recorded: RecordedOk
+    stores_dir: str
+    python: str
+    outcome: Outcome
+    scratch: str
+    stores: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    processes: Any = None
+    done: int = 0  # runs run by this bench
+    total: int = 0  # runs run and still planned
+
+    def run(self, pending: list[RunSpec], advance) -> None:
+        """Convert what `pending` needs that is not converted yet, then run it."""
+        missing = [s for s in pending if _store_key(s.cell) not in self.stores]
+        self.stores.update(convert_stores(self.experiment, missing, self.stores_dir))
+        if self.processes is None:
+            self.processes = launcher(self.experiment, self.python)
+        for spec in pending:
+            self.done += 1
+            label = f"[{self.done}/{self.total}] {spec.cell.label} repeat {spec.repeat + 1}"
+            _run_one(spec, self.stores[_store_key(spec.cell)], label, self.recorded,
+                     self.scratch, self.processes, self.outcome)  # fmt: skip
+            advance(1)
+
+
+def _run_rounds(experiment: Experiment, plan: RepeatPlan, recorded: RecordedOk,
+                stores_dir: str, python: str, outcome: Outcome) -> None:  # fmt: skip
+    """Round r runs repeat r of every cell still going (all of them, for a fixed count); after
+    each, `plan` decides from runs.jsonl which cells go on, and repeats.json says so."""
+    results_dir = recorded.results_dir
+    with tempfile.TemporaryDirectory(prefix="loadbench-runs-") as scratch:
+        bench = _Bench(experiment, recorded, stores_dir, python, outcome, scratch)
+        bench.total = plan.planned(-1, recorded.current())
+        try:
+            with progress.task(f"bench {experiment.name}", bench.total,
+                               average_over_s=24 * 3600) as advance:  # fmt: skip
+                for repeat in range(plan.most):
+                    specs = plan.round(repeat)
+                    if not specs:
+                        break
+                    pending = [s for s in specs if s.key not in recorded.current()]
+                    outcome.skipped_done += len(specs) - len(pending)
+                    if pending:
+                        bench.run(pending, advance)
+                    plan.after_round(repeat, specs, latest_by_key(results_dir), recorded.current())
+                    with writing(results_dir, "writing repeats.json in"):
+                        plan.write(results_dir)
+                    bench.total = bench.done + plan.planned(repeat, recorded.current())
+                    advance(0, total=bench.total)
+        finally:
+            if bench.processes is not None:
+                bench.processes.close()
 
 
 def _run_one(spec: RunSpec, store: dict[str, Any], label: str, recorded: RecordedOk,

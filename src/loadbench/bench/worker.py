@@ -177,6 +177,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
         "split": run.plan.eval_split, "loss": loss, "accuracy": report["accuracy"],
         "f1_macro": report["f1_macro"], "compile_time_s": run.compile_time_s,
     }  # fmt: skip
+    record.final["classes"] = len(run.classes)  # the report's chance level: 1 / classes
     record.time_to_first_batch_s = _time_to_first_batch(record)
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from loadbench.bench.records import MARKER, RESULTS_SCHEMA, RUNS, RunRecord, latest_records
 from loadbench.errors import LoadbenchError
+from loadbench.manifest import MANIFEST
 
 # A row of a table (+ cache); storage is "local" or the label of an object storage;
 # world_size is 1 but for distributed runs (ranks under torchrun).
@@ -38,6 +39,8 @@ class Results:
     notes: list[str] = field(default_factory=list)  # what is missing, said in the report
     # ok runs of the other modes: the loader-only and compute-only runs of `ceilings: true`
     ceilings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RUN_COLUMNS))
+    # what the report computes once from these tables (the tests of `report/comparisons.py`)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def datasets(self) -> list[str]:
@@ -103,6 +106,7 @@ def load_results(path: str) -> Results:
     ceilings = [r for r in ok if r.mode not in (main, None)]
     ok = [r for r in ok if r.mode in (main, None)]
     runs = pd.DataFrame([run_row(r) for r in ok], columns=RUN_COLUMNS)
+    runs["stopped"] = runs["key"].map(_stopped(path))
     epochs = pd.DataFrame(
         [epoch_row(r, e) for r in ok for e in r.epochs or []], columns=EPOCH_COLUMNS
     )
@@ -111,6 +115,25 @@ def load_results(path: str) -> Results:
         notes.append("env.json is missing: the machine is not described")
     return Results(path, runs, epochs, failed, env, experiment, schema, notes,
                    pd.DataFrame([run_row(r) for r in ceilings], columns=RUN_COLUMNS))  # fmt: skip
+
+
+def _stopped(path: str) -> dict[str, str]:
+    """Run key -> why its configuration got no more repeats, from the bench's repeats.json
+    (adaptive repeats; empty for a fixed count or results written before the file existed)."""
+    cells = _json(os.path.join(path, "repeats.json")).get("cells") or {}
+    return {key: cell["stopped"] for cell in cells.values() if isinstance(cell, dict)
+            and cell.get("stopped") and cell["stopped"] != "fixed count"
+            for key in cell.get("keys") or []}  # fmt: skip
+
+
+def planned_repeats(experiment: dict[str, Any]) -> str | None:
+    """The repeats an experiment asked for, in words: "10", or the adaptive rule."""
+    repeats = experiment.get("repeats")
+    if isinstance(repeats, dict):
+        return (f"{repeats.get('min')}-{repeats.get('max')}, adaptive: more while the 95% "
+                f"interval of the median epoch time is wider than {repeats.get('ci_pct')}% of "
+                "it")  # fmt: skip
+    return None if repeats is None else str(repeats)
 
 
 def _unreadable_note(lines: list[str], shown: int = 10) -> str:
@@ -129,9 +152,10 @@ RUN_COLUMNS = [
     "images_per_s", "stall_share", "data_wait_s", "compute_s", "peak_rss_bytes", "cpu_pct_mean",
     "system_cpu_pct_mean", "read_bytes", "gpu_util_pct_mean", "gpu_mem_bytes_max",
     "cuda_max_allocated_bytes", "store_bytes", "bytes_per_image", "convert_time_s",
-    "final_accuracy", "eviction_effective", "order_jump_ratio", "order_same_class", "storage",
-    "read_through_hit_rate", "world_size", "straggler_ratio", "rank_images_per_s", "au",
-    "timing", *(f"stage_{s}" for s in STAGES), "stage_bytes_read",
+    "final_accuracy", "classes", "lossy", "eviction_effective", "order_jump_ratio",
+    "order_same_class", "storage", "read_through_hit_rate", "world_size", "straggler_ratio",
+    "rank_images_per_s", "au", "timing", *(f"stage_{s}" for s in STAGES), "stage_bytes_read",
+    "stopped",  # adaptive repeats: why the run's configuration got no more (repeats.json)
 ]  # fmt: skip
 EPOCH_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
@@ -189,6 +213,7 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         "bytes_per_image": (r.store.get("bytes") or 0) / images if images else None,
         "convert_time_s": r.store.get("convert_time_s"),
         "final_accuracy": _get(r.final, "accuracy"),
+        **_store_facts(r),
         "eviction_effective": _get(r.eviction, "effective"),
         "order_jump_ratio": _get(r.order_quality, "jump_ratio"),
         "order_same_class": _get(r.order_quality, "same_class"),
@@ -201,6 +226,30 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         "timing": _timing(r),
         **{f"stage_{k}": _median(_values(stages, k)) for k in (*STAGES, "bytes_read")},
     }
+
+
+def _store_facts(r: RunRecord) -> dict[str, Any]:
+    """The run's class count (chance level: 1 / classes) and whether its format is lossy: from
+    the record, else from the store's manifest while the store is still there, else from the
+    format registry (lossy only); None where none of them tells."""
+    manifest = _json(os.path.join(r.store_path, MANIFEST)) if r.store_path else {}
+    classes = _get(r.final, "classes") or len(manifest.get("classes") or []) or None
+    lossy = manifest.get("lossy")
+    if lossy is None and r.format:
+        lossy = _registry_lossy(r.format, r.dtype, _get(r.settings, "format_options") or {})
+    return {"classes": classes, "lossy": lossy}
+
+
+def _registry_lossy(name: str, dtype: str | None, options: dict[str, Any]) -> bool | None:
+    from loadbench.formats import get_format, is_format
+
+    if not is_format(name):
+        return None
+    try:
+        fmt = get_format(name)
+        return bool(fmt.is_lossy(fmt.resolve_options(dtype or "uint8", options)))
+    except (LoadbenchError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _timing(r: RunRecord) -> str | None:

@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from loadbench.formats import ALL_NAMES
 from loadbench.report.data import CONFIG, STAGES, Results, warm_only
-from loadbench.report.tables import aggregate, config_name, order_suffix
+from loadbench.report.tables import aggregate, config_name, interval, order_suffix
 from loadbench.training.plots import save_png
 
 _PALETTE = [
@@ -64,16 +65,24 @@ def plot_dataset(results: Results, dataset: str, out_dir: str) -> dict[str, str]
     return {kind: str(path) for kind, path in made.items() if path}
 
 
+def _errors(median, low, high) -> np.ndarray:
+    """matplotlib's xerr/yerr of intervals: distances below and above each median (0 where
+    there is no interval)."""
+    median, low, high = (np.asarray(v, dtype=float) for v in (median, low, high))
+    below, above = np.nan_to_num(median - low), np.nan_to_num(high - median)
+    return np.clip(np.vstack([below, above]), 0, None)
+
+
+CI_LABEL = "median, 95% bootstrap interval"
+
+
 def _epoch_boxes(runs, stats, dataset, path):
     runs = warm_only(runs)
     fig = Figure(figsize=(max(6, 0.6 * len(stats) + 2), 4.2), layout="constrained")
     ax = fig.subplots()
     data, labels, colours = [], [], []
     for _, row in stats.iterrows():
-        mask = np.ones(len(runs), dtype=bool)
-        for key in CONFIG:
-            mask &= (runs[key] == row[key]).to_numpy()
-        values = runs.loc[mask, "epoch_s"].dropna().to_numpy()
+        values = _values(runs, row, "epoch_s")
         data.append(values if len(values) else [np.nan])
         labels.append(row["name"])
         colours.append(colour(row["format"]))
@@ -83,12 +92,29 @@ def _epoch_boxes(runs, stats, dataset, path):
         patch.set_alpha(0.7)
     for i, values in enumerate(data, 1):  # every repeat, so a box of 2 is not mistaken for 10
         ax.plot(np.full(len(values), i), values, "k.", markersize=3)
+    # The median's interval beside each box: what a comparison of two boxes can rely on.
+    beside = np.arange(1, len(data) + 1) + 0.4
+    ax.errorbar(beside, stats["epoch_s"], _errors(*_ci(stats)), fmt="D", color="black",
+                markersize=3, capsize=2, linewidth=1, label=CI_LABEL)  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("steady-state epoch time (s)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{dataset}: epoch time over repeats")
     ax.grid(axis="y", alpha=0.3)
     return save_png(fig, path)
+
+
+def _ci(stats: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    return stats["epoch_s"], stats["epoch_ci_low"], stats["epoch_ci_high"]
+
+
+def _values(runs: pd.DataFrame, row: pd.Series, column: str) -> tuple[float, ...]:
+    """`column` over the repeats of the configuration `row` (of `aggregate(runs, CONFIG)`)."""
+    mask = np.ones(len(runs), dtype=bool)
+    for key in CONFIG:
+        mask &= (runs[key] == row[key]).to_numpy()
+    return tuple(float(v) for v in runs.loc[mask, column].dropna())
 
 
 def _stall_bars(stats, dataset, path):
@@ -100,6 +126,8 @@ def _stall_bars(stats, dataset, path):
     colours = [colour(f) for f in stats["format"]]
     ax.barh(y, wait, color=colours)
     ax.barh(y, compute, left=wait, color="#cccccc")
+    ax.errorbar(stats["epoch_s"], y, xerr=_errors(*_ci(stats)), fmt="D", color="black",
+                markersize=3, capsize=2, linewidth=1)  # fmt: skip
     ax.set_yticks(y, stats["name"], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds per epoch (median)")
@@ -107,8 +135,9 @@ def _stall_bars(stats, dataset, path):
     handles = [
         Patch(facecolor="#555555", label="waiting for data (in the format's colour)"),
         Patch(facecolor="#cccccc", label="compute"),
+        Line2D([], [], color="black", marker="D", markersize=3, label=f"epoch time: {CI_LABEL}"),
     ]
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
     return save_png(fig, path)
 
 
@@ -181,12 +210,14 @@ def _workers_lines(runs, dataset, path):
     lines = stats.groupby(["format", "dtype", "access", "shuffle"])
     for (fmt, dtype, access, order), part in lines:
         part = part.sort_values("workers")
-        ax.plot(part["workers"], part["images_per_s"], "o-", color=colour(fmt),
-                label=f"{fmt}/{dtype}/{access}{order_suffix(order)}")  # fmt: skip
+        rates = [interval(_values(runs, row, "images_per_s")) for _, row in part.iterrows()]
+        ax.errorbar(part["workers"], part["images_per_s"], _errors(*zip(*rates, strict=True)),
+                    fmt="o-", color=colour(fmt), capsize=2,
+                    label=f"{fmt}/{dtype}/{access}{order_suffix(order)}")  # fmt: skip
     ax.set_xlabel("DataLoader workers")
     ax.set_ylabel("images/s (steady state)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{dataset}: throughput vs workers")
+    ax.set_title(f"{dataset}: throughput vs workers (bars: {CI_LABEL})")
     ax.legend(fontsize=7)
     return save_png(fig, path)
 
@@ -202,13 +233,15 @@ def _dtype_bars(runs, dataset, path):
     for i, dtype in enumerate(dtypes):
         part = stats[stats["dtype"] == dtype].set_index("format")
         values = [part["epoch_s"].get(f, np.nan) for f in formats]
+        errors = _errors(values, *([part[c].get(f, np.nan) for f in formats]
+                                   for c in ("epoch_ci_low", "epoch_ci_high")))  # fmt: skip
         positions = np.arange(len(formats)) + i * width
         ax.bar(positions, values, width, label=dtype, color=[colour(f) for f in formats],
-               hatch=hatches[dtype], edgecolor="black")  # fmt: skip
+               hatch=hatches[dtype], edgecolor="black", yerr=errors, capsize=2)  # fmt: skip
     ax.set_xticks(np.arange(len(formats)) + width * (len(dtypes) - 1) / 2, formats, rotation=30,
                   ha="right")  # fmt: skip
     ax.set_ylabel("steady-state epoch time (s)")
-    ax.set_title(f"{dataset}: uint8 vs float16 vs float32")
+    ax.set_title(f"{dataset}: uint8 vs float16 vs float32 (bars: {CI_LABEL})", fontsize=10)
     ax.legend()
     return save_png(fig, path)
 

@@ -1,6 +1,7 @@
 """`loadbench report`: a results directory as `report.md` (images linked) and `report.html` (one
 self-contained file, images embedded), with the environment, the experiment, the findings,
-the summary and per-dataset tables and plots, and the failed runs."""
+the summary and per-dataset tables and plots, the failed runs and the result card (also as
+`card.json`: what it takes to check or reproduce the numbers)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,23 @@ from datetime import datetime
 import yaml
 
 from loadbench.errors import explain_os_error
-from loadbench.report.data import CONFIG, Results, load_results, warm_only
+from loadbench.report.agreement import compare_cards, rankings_table
+from loadbench.report.bounds import bounds_table
+from loadbench.report.card import (
+    CARD,
+    ResultCard,
+    build_card,
+    card_lines,
+    card_of,
+    ranking_tables,
+    write_card,
+)
+from loadbench.report.data import CONFIG, Results, load_results, planned_repeats, warm_only
 from loadbench.report.findings import findings
 from loadbench.report.plots import plot_dataset, plot_storage
 from loadbench.report.tables import (
     Table,
     aggregate,
-    bounds_table,
     config_name,
     dataset_table,
     summary_table,
@@ -50,6 +61,10 @@ class Report:
     failed: Table | None
     compare: Table | None = None
     other: Results | None = None
+    card: ResultCard | None = None
+    rankings: Table | None = None  # with --compare: do the two cards rank alike
+    verdicts: list[str] = field(default_factory=list)  # one line per dataset ranked in both
+    card_file: str | None = None  # card.json, once published
 
 
 def build(results: Results, out_dir: str, other: Results | None = None) -> Report:
@@ -64,7 +79,7 @@ def build(results: Results, out_dir: str, other: Results | None = None) -> Repor
     storage = plot_storage(results, plots_dir) if has_runs else None
     if storage:
         sections.append(Section("Storage size", None, {"bytes per image on disk": storage}))
-    return Report(
+    report = Report(
         title=f"loadbench report: {results.experiment.get('name', os.path.basename(results.path))}",
         results=results,
         summary=summary_table(results) if has_runs else None,
@@ -73,7 +88,14 @@ def build(results: Results, out_dir: str, other: Results | None = None) -> Repor
         failed=failed_table(results),
         compare=compare_table(results, other) if other is not None else None,
         other=other,
+        card=build_card(results),
     )
+    if other is not None:
+        other_card, source = card_of(other)
+        comparisons = compare_cards(report.card, other_card)
+        report.rankings = rankings_table(comparisons, report.card, other_card, source)
+        report.verdicts = [c.verdict() for c in comparisons]
+    return report
 
 
 def failed_table(results: Results) -> Table | None:
@@ -112,6 +134,15 @@ def compare_table(a: Results, b: Results) -> Table:
                  "B / A"], rows, notes)  # fmt: skip
 
 
+def _card_section(report: Report) -> list[Section]:
+    """The result card as a section (none without a card)."""
+    if report.card is None:
+        return []
+    text = [f"What it takes to check or reproduce these numbers; all of it, as JSON, in {CARD} "
+            "beside this report.", *card_lines(report.card)]  # fmt: skip
+    return [Section("Result card", text=text, more=ranking_tables(report.card))]
+
+
 def _machine(results: Results) -> str:
     env = results.env
     if not env:
@@ -148,7 +179,7 @@ def _overview(report: Report) -> list[str]:
         f"Results: {r.path}; generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.",
         f"{len(r.runs)} finished run(s), {len(r.failed)} failed; repeats per configuration: "
         + (f"{min(repeats)}-{max(repeats)}" if len(repeats) else "none")
-        + (f" (the experiment asked for {exp['repeats']})" if exp.get("repeats") else "")
+        + (f" (the experiment asked for {planned_repeats(exp)})" if exp.get("repeats") else "")
         + f"; mode {exp.get('mode', '?')}, {exp.get('epochs', '?')} epoch(s) per run.",
     ]
     return lines
@@ -179,10 +210,13 @@ def to_markdown(report: Report, out_dir: str) -> str:
         lines += ["## Findings", ""] + [f"- {f}" for f in report.findings] + [""]
     if report.summary:
         lines += [f"## {report.summary.title}", ""] + _md_table(report.summary) + [""]
-    if report.compare:
-        lines += [f"## {report.compare.title}", ""] + _md_table(report.compare) + [""]
-    for section in report.sections:
-        lines += [f"## {section.title}", ""]
+    for table in (report.compare, report.rankings):
+        if table:
+            lines += [f"## {table.title}", ""] + _md_table(table) + [""]
+    lines += [f"- {verdict}" for verdict in report.verdicts] + ([""] if report.verdicts else [])
+    for section in [*report.sections, *_card_section(report)]:
+        lines += [f"## {section.title}", ""] + [f"- {text}" for text in section.text]
+        lines += [""] if section.text else []
         if section.table:
             lines += _md_table(section.table) + [""]
         for caption, path in section.images.items():
@@ -244,11 +278,17 @@ def to_html(report: Report) -> str:
         parts.append("<h2>Findings</h2><ul>")
         parts += [f"<li>{html.escape(f)}</li>" for f in report.findings]
         parts.append("</ul>")
-    for table in (report.summary, report.compare):
+    for table in (report.summary, report.compare, report.rankings):
         if table:
             parts.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table)}")
-    for section in report.sections:
+    if report.verdicts:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in report.verdicts))
+        parts.append("</ul>")
+    for section in [*report.sections, *_card_section(report)]:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in section.text))
+            parts.append("</ul>")
         if section.table:
             parts.append(_html_table(section.table))
         parts += [_embedded(path, caption) for caption, path in section.images.items()]
@@ -288,13 +328,14 @@ def write_report(
         try:
             os.mkdir(staging)
             report = build(results, staging, other)
-            pages = {}
+            pages = {"card": write_card(report.card, os.path.join(staging, CARD))}
             if "md" in formats:
                 pages["md"] = _write(os.path.join(staging, "report.md"),
                                      to_markdown(report, staging))  # fmt: skip
             if "html" in formats:
                 pages["html"] = _write(os.path.join(staging, "report.html"), to_html(report))
             written = _publish(report, staging, out, pages)
+            report.card_file = written.pop("card")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return report, written
@@ -304,8 +345,8 @@ STAGING = ".report.partial-"
 
 
 def _publish(report: Report, staging: str, out: str, pages: dict[str, str]) -> dict[str, str]:
-    """Move the staged plots, then the pages, from `staging` into `out`; the plots of an
-    earlier report go (into `staging`, removed with it)."""
+    """Move the staged plots, then the pages (card.json first), from `staging` into `out`;
+    the plots of an earlier report go (into `staging`, removed with it)."""
     moved = {kind: os.path.join(out, os.path.basename(path)) for kind, path in pages.items()}
     plots, staged_plots = os.path.join(out, "plots"), os.path.join(staging, "plots")
     with interrupts_held():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,7 +11,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from loadbench.report.comparisons import comparisons, config_key
 from loadbench.report.data import CONFIG, STAGES, Results, warm_only
+from loadbench.significance import (
+    ALPHA,
+    SPREAD_LIMIT,
+    coefficient_of_variation,
+    median_ci,
+    smallest_p,
+    spread,
+)
+
+# The bootstrap's seed: fixed, so that the same records give the same report.
+SEED = 0
 
 
 @dataclass
@@ -46,7 +59,9 @@ def config_name(row) -> str:
 
 
 def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Medians (and the epoch-time IQR) over the repeats of every configuration."""
+    """Medians over the repeats of every configuration; for the epoch time also its IQR, its
+    95% bootstrap interval, the coefficient of variation and the spread (`spread_flag`: a
+    repeat more than 5% from the median, MLPerf Storage's rule)."""
     grouped = runs.groupby(by, sort=False, dropna=False)
     out = grouped.agg(
         repeats=("key", "count"),
@@ -67,6 +82,7 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         store_bytes=("store_bytes", "first"),
         bytes_per_image=("bytes_per_image", "first"),
         convert_time_s=("convert_time_s", "first"),
+        stopped=("stopped", lambda s: next(iter(s.dropna()), None)),
         final_accuracy=("final_accuracy", "median"),
         order_jump_ratio=("order_jump_ratio", "median"),
         order_same_class=("order_same_class", "median"),
@@ -79,7 +95,21 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out = out.reset_index()
     # Each rank's img/s, the median over repeats (groups come in the order agg gave them).
     out["rank_images_per_s"] = [_per_rank_median(g) for _, g in grouped["rank_images_per_s"]]
+    epochs = [tuple(float(v) for v in g.dropna()) for _, g in grouped["epoch_s"]]
+    intervals = [interval(v) for v in epochs]
+    out["epoch_ci_low"] = [low for _, low, _ in intervals]
+    out["epoch_ci_high"] = [high for _, _, high in intervals]
+    out["epoch_cv"] = [coefficient_of_variation(v) for v in epochs]
+    out["epoch_spread"] = [spread(v) for v in epochs]
+    out["spread_flag"] = out["epoch_spread"] > SPREAD_LIMIT
     return out
+
+
+@functools.lru_cache(maxsize=8192)
+def interval(values: tuple[float, ...]) -> tuple[float, float, float]:
+    """(median, low, high) of `values` (repeats): `median_ci`, seeded; cached, as every table
+    and plot asks for the same configurations'."""
+    return median_ci(values, seed=SEED)
 
 
 def versus_local(table: pd.DataFrame) -> pd.Series:
@@ -103,36 +133,42 @@ class _Columns:
 def dataset_table(results: Results, dataset: str) -> Table:
     """One row per configuration of `dataset`, fastest first; optional columns (cold cache,
     GPU, block shuffle, object storage, DDP) only when some row has them."""
-    table, caches = _dataset_numbers(results.runs[results.runs["dataset"] == dataset])
+    table, caches = _dataset_numbers(results, dataset)
     shown = {
         "cold": len(caches) == 2,
         "gpu": table["gpu_util_pct_mean"].notna().any(),
         "block": (table["shuffle"] != "exact").any(),
         "remote": (table["storage"] != "local").any(),
         "ddp": (table["world_size"] > 1).any(),
+        "adaptive": table["stopped"].notna().any(),
     }
     groups = [columns for key, columns in _column_groups(caches[0]) if key is None or shown[key]]
     headers = [h for columns in groups for h in columns.headers]
     rows = [[c for columns in groups for c in columns.cells(i, r)] for i, r in table.iterrows()]
-    notes = _dataset_notes(shown) + _timing_notes(table["timing"])
-    return Table(dataset, headers, rows, notes, table)
+    notes = _dataset_notes(shown) + _spread_notes(table) + _group_notes(results, table)
+    return Table(dataset, headers, rows, notes + _timing_notes(table["timing"]), table)
 
 
-def _dataset_numbers(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def _dataset_numbers(results: Results, dataset: str) -> tuple[pd.DataFrame, list[str]]:
     """Per configuration: medians over repeats (warm, with cold beside it when both ran),
-    fastest first, with its ratio to the fastest (and to local disk for remote rows)."""
+    fastest first, with its ratio to the fastest (and to local disk for remote rows) and its
+    tie group."""
+    runs = results.runs[results.runs["dataset"] == dataset]
     caches = [c for c in ("warm", "cold") if c in set(runs["cache"])]
     stats = aggregate(runs, [*CONFIG, "cache"])
     table = stats[stats["cache"] == caches[0]].drop(columns="cache").set_index(CONFIG)
     if len(caches) == 2:  # warm and cold side by side
         cold = stats[stats["cache"] == "cold"].set_index(CONFIG)
-        table["cold_epoch_s"] = cold["epoch_s"]
-        table["cold_first_epoch_s"] = cold["first_epoch_s"]
+        for column in ("epoch_s", "epoch_ci_low", "epoch_ci_high", "first_epoch_s"):
+            table[f"cold_{column}"] = cold[column]
     table = table.reset_index().sort_values("epoch_s", na_position="last").reset_index(drop=True)
     fastest = table["epoch_s"].min()
     table["ratio"] = table["epoch_s"] / fastest if fastest and fastest > 0 else np.nan
     if (table["storage"] != "local").any():
         table["vs_local"] = versus_local(table)
+    timed = [config_key(r) for _, r in table.iterrows() if not _nan(r["epoch_s"])]
+    letters = comparisons(results).letters(dataset, timed)
+    table["group"] = [letters.get(config_key(r), "-") for _, r in table.iterrows()]
     return table, caches
 
 
@@ -143,8 +179,9 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
         return [
             "★" if i == 0 and not _nan(r["epoch_s"]) else "", config_name(r),
             str(int(r["repeats"])),
-            f"{_num(r['epoch_s'])} [{_num(r['epoch_q25'])}-{_num(r['epoch_q75'])}]",
-            f"{r['ratio']:.2f}x" if not _nan(r["ratio"]) else "-",
+            with_interval(r["epoch_s"], r["epoch_ci_low"], r["epoch_ci_high"]),
+            _pct(r["epoch_cv"], 1) + (" ⚠" if r["spread_flag"] else ""),
+            f"{r['ratio']:.2f}x" if not _nan(r["ratio"]) else "-", r["group"],
         ]  # fmt: skip
 
     def ranks(i, r):
@@ -156,8 +193,10 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
 
     return [
         (None, _Columns(["", "configuration", "repeats",
-                         f"epoch s ({main_cache}, median [IQR])", "x fastest"], lead)),
-        ("cold", _Columns(["epoch s (cold)"], lambda i, r: [_num(r["cold_epoch_s"])])),
+                         f"epoch s ({main_cache}, median [95% CI])", "CV", "x fastest", "group"],
+                        lead)),
+        ("cold", _Columns(["epoch s (cold)"], lambda i, r: [with_interval(
+            r["cold_epoch_s"], r["cold_epoch_ci_low"], r["cold_epoch_ci_high"])])),
         (None, _Columns(
             ["1st epoch s", "total s", "img/s", "data stall", "AU", "peak RSS", "CPU %"],
             lambda i, r: [_num(r["first_epoch_s"]), _num(r["total_time_s"]),
@@ -172,6 +211,7 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
             f"{r['vs_local']:.2f}x" if not _nan(r["vs_local"]) else "-",
             _pct(r["read_through_hit_rate"])])),
         ("ddp", _Columns(["ranks", "straggler", "img/s per rank"], ranks)),
+        ("adaptive", _Columns(["repeats stopped"], lambda i, r: [r["stopped"] or "-"])),
         (None, _Columns(["store", "bytes/img", "convert s", "accuracy"], lambda i, r: [
             _bytes(r["store_bytes"]), _count(r["bytes_per_image"]), _num(r["convert_time_s"]),
             _num(r["final_accuracy"], 3)])),
@@ -202,11 +242,20 @@ def _timing_notes(timings: pd.Series) -> list[str]:
 def _dataset_notes(shown: dict[str, bool]) -> list[str]:
     notes = [
         "Epoch times are the steady state: the median of every epoch after the first, then the "
-        "median (and interquartile range) over repeats. The first epoch (cold start) is apart.",
-        "★ marks the fastest configuration; 'x fastest' is each row's epoch time over it.",
+        "median over repeats with its 95% interval (percentile bootstrap over the repeats, "
+        f"seed {SEED}: the same records give the same interval; with 2 repeats it is their "
+        "range). CV: the repeats' standard deviation over their mean. The first epoch (cold "
+        "start) is apart.",
+        "★ marks the fastest median; 'x fastest' is each row's epoch time over it.",
     ]
     if not shown["gpu"]:
         notes.append("No GPU was used: GPU columns are left out.")
+    if shown["adaptive"]:
+        notes.append(
+            "Repeats are adaptive: after the minimum, a configuration got another repeat while "
+            "the 95% interval of its median epoch time was wider than the experiment's share of "
+            "the median; 'repeats stopped' says why it got no more (repeats.json)."
+        )
     if shown["ddp"]:
         notes.append(
             "Rows named /ddpN ran under torchrun with N ranks (DDP). Their img/s is the whole "
@@ -231,98 +280,137 @@ def _dataset_notes(shown: dict[str, bool]) -> list[str]:
     return notes
 
 
-def bounds_table(results: Results, dataset: str) -> Table | None:
-    """Each training configuration's epoch time beside its ceilings, DS-Analyzer style: the
-    loader alone (its loader-only twin) and the model alone (the dataset's compute-only run).
-    With perfect overlap an epoch takes max(loader, compute); the larger one names the bound.
-    None when the dataset has no ceiling runs."""
-    ceilings = warm_only(results.ceilings[results.ceilings["dataset"] == dataset])
-    compute = ceilings.loc[ceilings["mode"] == "compute-only", "epoch_s"].dropna()
-    loaders = aggregate(ceilings[ceilings["mode"] == "loader-only"], CONFIG)
-    if compute.empty or loaders.empty:
-        return None
-    compute_s = float(compute.median())
-    loader_s = loaders.set_index(CONFIG)["epoch_s"]
-    table = aggregate(warm_only(results.runs[results.runs["dataset"] == dataset]), CONFIG)
-    table = table.sort_values("epoch_s", na_position="last")
-    rows = []
-    for _, r in table.iterrows():
-        loader = loader_s.get(tuple(r[c] for c in CONFIG), np.nan)
-        if _nan(loader) or _nan(r["epoch_s"]):
-            continue
-        bound = max(loader, compute_s)
-        rows.append([config_name(r), _num(r["epoch_s"]), _num(loader), _num(compute_s),
-                     _num(bound), f"{r['epoch_s'] / bound:.2f}x", _pct(r["au"]),
-                     bound_name(loader, compute_s)])  # fmt: skip
-    if not rows:
-        return None
-    timing = ", ".join(sorted(set(table["timing"].dropna()))) or "-"
-    return Table(
-        f"{dataset}: what bounds each epoch",
-        ["configuration", "epoch s", "loader s", "compute s", "max", "epoch / max", "AU",
-         "bound"],
-        rows,
-        [f"loader s: the same configuration with no model (loader-only); compute s: the model "
-         f"on one batch that stays on the device (compute-only), the epoch if data were free. "
-         f"With perfect overlap an epoch takes max(loader, compute); 'epoch / max' above 1 is "
-         f"overlap lost (without workers on the CPU, loader and model take turns) or time "
-         f"neither explains. AU is compute time over epoch time (MLPerf's accelerator "
-         f"utilisation). Medians over repeats, steady-state epochs; timing: {timing}."],
-    )  # fmt: skip
+def _spread_notes(table: pd.DataFrame) -> list[str]:
+    if not table["spread_flag"].any():
+        return []
+    return [
+        f"⚠: a repeat lies more than {100 * SPREAD_LIMIT:.0f}% from the row's median. MLPerf "
+        "Storage (submission guidelines §6.7, 'Replicability is mandatory'): 'Replicated "
+        "results should be within 5% within 5 tries', a result being the mean of 5 runs. "
+        "loadbench applies it to the repeats: each repeat, a replication, within 5% of the "
+        "reported result (here the median). A flagged row is not a valid result by that rule: "
+        "the next run of the experiment may well move its median."
+    ]
 
 
-def bound_name(loader_s: float, compute_s: float) -> str:
-    """'data-bound: loader 2.1x slower than the model', or the compute-bound sentence."""
-    if _nan(loader_s) or _nan(compute_s) or min(loader_s, compute_s) <= 0:
+def _group_notes(results: Results, table: pd.DataFrame) -> list[str]:
+    """What the group letters mean, and when the repeats are too few for any letter to split."""
+    family = comparisons(results)
+    note = (
+        "group: rows that share a letter are not told apart (two-sided Mann-Whitney test over "
+        f"the repeats, {100 * ALPHA:.0f}% after Holm's correction over all {family.count} "
+        "comparisons this report makes); the fastest row is in group a."
+    )
+    repeats = table["repeats"][table["epoch_s"].notna()]
+    if len(repeats) >= 2:
+        fewest = int(repeats.min())
+        if smallest_p(fewest, fewest) >= ALPHA:
+            need = fewest_repeats(max(family.count, 1))
+            note += (
+                f" With {fewest} repeats per row the exact test's smallest p-value is "
+                f"{smallest_p(fewest, fewest):.2f}, so no two rows can be told apart, however "
+                f"far apart their medians: that takes at least {need} repeats per row here."
+            )
+    return [note]
+
+
+def fewest_repeats(family_size: int) -> int:
+    """The fewest repeats per configuration with which an exact Mann-Whitney test can reject
+    at all after Holm's correction over `family_size` tests (its strictest step)."""
+    return next(n for n in range(2, 1000) if smallest_p(n, n) <= ALPHA / family_size)
+
+
+def with_interval(median, low, high) -> str:
+    """'0.203 [0.198-0.207]'; the median alone where there is no interval (one repeat)."""
+    if _nan(median):
         return "-"
-    if loader_s > compute_s:
-        return f"data-bound: loader {loader_s / compute_s:.1f}x slower than the model"
-    return f"compute-bound: model {compute_s / loader_s:.1f}x slower than the loader"
+    if _nan(low) or _nan(high):
+        return _num(median)
+    return f"{_num(median)} [{_num(low)}-{_num(high)}]"
 
 
 def summary_table(results: Results) -> Table:
     """The thesis's headline: median steady-state epoch time, formats x datasets.
 
-    Where a format ran in several configurations (dtype, access, workers), its fastest one is
-    shown, named under the time.
+    Formats are sorted fastest first by the geometric mean over datasets of their time over
+    the dataset's fastest (shown beside each time); bold marks the statistically tied leaders
+    of each dataset. Where a format ran in several configurations (dtype, access, workers), its
+    fastest one is shown, named under the time.
     """
     datasets = results.datasets
     stats = aggregate(warm_only(results.runs), ["dataset", *CONFIG])
     formats = list(dict.fromkeys(stats["format"]))
     several = stats.groupby(["dataset", "format"]).size().max() > 1 if len(stats) else False
     numbers = pd.DataFrame(index=formats, columns=datasets, dtype=float)
-    rows = []
+    best: dict[tuple[str, str], pd.Series] = {}
     for fmt in formats:
-        cells = [fmt]
         for ds in datasets:
             part = stats[(stats["dataset"] == ds) & (stats["format"] == fmt)]
             part = part.dropna(subset=["epoch_s"])
-            if part.empty:
+            if not part.empty:
+                best[fmt, ds] = part.loc[part["epoch_s"].idxmin()]
+                numbers.loc[fmt, ds] = best[fmt, ds]["epoch_s"]
+    ratios = numbers / numbers.min(axis=0).where(lambda v: v > 0)
+    geomean = np.exp(np.log(ratios).mean(axis=1, skipna=True)).sort_values(na_position="last")
+    numbers, ratios = numbers.loc[geomean.index], ratios.loc[geomean.index]
+    leaders = _tied_leaders(results, best)
+    rows = []
+    for fmt in numbers.index:
+        cells = [fmt]
+        for ds in datasets:
+            if (fmt, ds) not in best:
                 cells.append("-")
                 continue
-            best = part.loc[part["epoch_s"].idxmin()]
-            numbers.loc[fmt, ds] = best["epoch_s"]
-            text = _num(best["epoch_s"])
+            text = f"{_num(numbers.loc[fmt, ds])} ({_ratio(ratios.loc[fmt, ds])})"
             if several:
-                text += f" ({config_name(best).partition('/')[2]})"
-            cells.append(text)
-        rows.append(cells)
-    order = numbers.mean(axis=1, skipna=True).sort_values().index if len(numbers) else []
-    rows = sorted(rows, key=lambda row: list(order).index(row[0]))
-    for ds in datasets:  # mark the fastest format of every dataset
-        if numbers[ds].notna().any():
-            best = numbers[ds].idxmin()
-            column = datasets.index(ds) + 1
-            for row in rows:
-                if row[0] == best:
-                    row[column] = f"**{row[column]}**"
+                text += f" {config_name(best[fmt, ds]).partition('/')[2]}"
+            cells.append(f"**{text}**" if (fmt, ds) in leaders else text)
+        rows.append([*cells, _ratio(geomean[fmt])])
     return Table(
         "Median epoch time (s), formats x datasets",
-        ["format", *datasets],
+        ["format", *datasets, "x fastest (geometric mean)"],
         rows,
-        ["Bold: the fastest format of the dataset. Steady-state epochs, warm cache."],
+        _summary_notes(results, best, leaders),
         numbers,
     )
+
+
+def _tied_leaders(results: Results, best: dict[tuple[str, str], pd.Series]) -> set:
+    """(format, dataset) of each dataset's fastest format and of every format whose fastest
+    configuration the tests do not tell apart from it."""
+    family = comparisons(results)
+    leaders = set()
+    for ds in results.datasets:
+        shown = {fmt: row for (fmt, d), row in best.items() if d == ds}
+        if not shown:
+            continue
+        top = config_key(min(shown.values(), key=lambda r: r["epoch_s"]))
+        leaders |= {(fmt, ds) for fmt, row in shown.items()
+                    if not family.differs("epoch", ds, config_key(row), top)}  # fmt: skip
+    return leaders
+
+
+def _summary_notes(results: Results, best: dict, leaders: set) -> list[str]:
+    notes = [
+        "Sorted by the last column: the geometric mean over the datasets it ran of the "
+        "format's epoch time over the dataset's fastest (shown beside each time). Bold: the "
+        "dataset's fastest format and every format statistically tied with it (its "
+        "configuration shown is not told apart from the fastest: two-sided Mann-Whitney test "
+        f"over repeats, 5% after Holm's correction over the report's "
+        f"{comparisons(results).count} comparisons). Steady-state epochs, warm cache."
+    ]
+    if len({fmt for fmt, _ in best}) > 1 and leaders == set(best):
+        repeats = int(aggregate(warm_only(results.runs), ["dataset", *CONFIG])["repeats"].min())
+        notes.append(
+            f"Every format is tied with the fastest: with {repeats} repeat"
+            f"{'s' if repeats != 1 else ''} per configuration the tests tell none apart, so "
+            "the order is the medians' and another run of the experiment may change it."
+        )
+    return notes
+
+
+def _ratio(value) -> str:
+    return "-" if _nan(value) else f"{value:.2f}x"
 
 
 def _per_rank_median(values: pd.Series) -> tuple[float, ...] | None:
@@ -356,8 +444,8 @@ def _count(value) -> str:
     return "-" if _nan(value) else f"{value:,.0f}"
 
 
-def _pct(value) -> str:
-    return "-" if _nan(value) else f"{100 * value:.0f}%"
+def _pct(value, digits: int = 0) -> str:
+    return "-" if _nan(value) else f"{100 * value:.{digits}f}%"
 
 
 def _bytes(value) -> str:
