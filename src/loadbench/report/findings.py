@@ -75,8 +75,10 @@ def _leaders(family: Comparisons, stats: pd.DataFrame, ds: str) -> list[str]:
     if not tied:
         others = "the other configuration" if len(stats) == 2 else f"all {len(stats) - 1} others"
         text += f" and was faster than {others}"
-    elif len(tied) == len(stats) - 1:
-        text += f"; the tests tell none of the other {len(tied)} configurations apart from it"
+    elif len(tied) == len(stats) - 1:  # nothing is established: said before the name
+        text = (f"On {ds}, the tests tell none of the other {len(tied)} configurations apart from "
+                f"the fastest median ({config_name(fast)}, {interval} s), so which is fastest "
+                "is not established: another run may put another first")  # fmt: skip
     else:
         listed = ", ".join(tied[:4]) + (f" and {len(tied) - 4} more" if len(tied) > 4 else "")
         text += (
