@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import loadbench
+from ddp_checks import assert_one_model, torchrun
 from loadbench.bench.experiment import Experiment, load_experiment
 from loadbench.bench.matrix import expand, plan_runs
 from loadbench.bench.records import read_runs
@@ -23,23 +24,13 @@ from loadbench.bench.runner import run_experiment
 from loadbench.bench.torchrun import failure_summary
 from loadbench.errors import LoadbenchError
 from loadbench.report.render import write_report
-from loadbench.training.checkpoint import load_model
-from loadbench.training.distributed import Dist, gather_epoch, model_digest, straggler_ratio
+from loadbench.training.distributed import Dist, gather_epoch, straggler_ratio
 from loadbench.training.loaders import EpochSampler
 from loadbench.training.order import EpochOrder
 from loadbench.training.sharding import DEBUG_INDICES, Shard
 
 TINY = "synthetic:cifar-like?count=96&eval_count=32&size=12&classes=3"
 TRAIN = ["--widths", "4,8", "--batch-norm", "--batch-size", "16", "--device", "cpu"]
-
-
-def torchrun(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "loadbench", *map(str, args)]  # fmt: skip
-    return subprocess.run(
-        command, capture_output=True, text=True, cwd=cwd, timeout=300,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )  # fmt: skip
 
 
 # -- the shard split (no process group needed) -----------------------------------------------------
@@ -215,13 +206,7 @@ def test_torchrun_trains_disjoint_halves_into_identical_replicas(tmp_path):
     assert seen[0, 1] != seen[0, 2]
 
     # the ranks ended with identical weights, and model.pt (rank 0's) is that model
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    replicas = metrics["distributed"]
-    assert replicas["world_size"] == 2 and replicas["backend"] == "gloo"
-    assert replicas["identical"] and len(set(replicas["model_sha256"])) == 1
-    model, _ = load_model(str(tmp_path / "run" / "model.pt"))
-    assert model_digest(model) == replicas["model_sha256"][0]
-    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 32  # every test image once
+    assert_one_model(tmp_path / "run", "gloo", test_images=32)
 
     # every epoch records both ranks; the checkpoint its world size
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)

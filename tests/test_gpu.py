@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import loadbench
+from ddp_checks import assert_one_model, torchrun
 from loadbench.training.augment import Augmenter, build_augment
 from loadbench.training.batches import make_batches, shutdown
 from loadbench.training.config import TrainConfig
@@ -403,41 +404,24 @@ def test_a_ceilings_bench_on_cuda_names_the_bound(tmp_path, fresh):
 # -- DDP over NCCL, or Gloo on CUDA tensors -------------------------------------------------------
 
 
+def train_two_ranks_on_cuda(tmp_path, epochs: int, env=None) -> None:
+    store = loadbench.convert(loadbench.load_source(TINY), "npy", tmp_path / "store")
+    done = torchrun("train", store.path, "--epochs", epochs, "--out", tmp_path / "run",
+                    "--widths", "4,8", "--batch-norm", "--batch-size", "16", "--device", "cuda",
+                    env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @TWO_GPUS
 def test_torchrun_trains_on_two_gpus_over_nccl(tmp_path):
-    from loadbench.training.checkpoint import load_model
-    from loadbench.training.distributed import model_digest
-
-    store = loadbench.convert(loadbench.load_source(TINY), "npy", tmp_path / "store")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "-m", "loadbench", "train", store.path, "--epochs", "2", "--out",
-               str(tmp_path / "run"), "--widths", "4,8", "--batch-norm", "--batch-size", "16",
-               "--device", "cuda"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    replicas = metrics["distributed"]
-    assert replicas["world_size"] == 2 and replicas["backend"] == "nccl"
-    assert replicas["identical"] and len(set(replicas["model_sha256"])) == 1
-    model, _ = load_model(str(tmp_path / "run" / "model.pt"))
-    assert model_digest(model) == replicas["model_sha256"][0]
-    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 32  # every test image once
+    train_two_ranks_on_cuda(tmp_path, epochs=2)
+    assert_one_model(tmp_path / "run", "nccl", test_images=32)
 
 
 def test_torchrun_trains_on_cuda_over_gloo(tmp_path):
     """Two ranks over Gloo on CUDA tensors: DDP on a machine with one GPU."""
-    store = loadbench.convert(loadbench.load_source(TINY), "npy", tmp_path / "store")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "-m", "loadbench", "train", store.path, "--epochs", "1", "--out",
-               str(tmp_path / "run"), "--widths", "4,8", "--batch-size", "16", "--device",
-               "cuda"]  # fmt: skip
-    env = {**os.environ, "COLUMNS": "200", "LOADBENCH_DDP_BACKEND": "gloo"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    replicas = json.loads((tmp_path / "run" / "metrics.json").read_text())["distributed"]
-    assert replicas["world_size"] == 2 and replicas["backend"] == "gloo"
-    assert replicas["identical"]
+    train_two_ranks_on_cuda(tmp_path, epochs=1, env={"LOADBENCH_DDP_BACKEND": "gloo"})
+    assert_one_model(tmp_path / "run", "gloo", test_images=32)
 
 
 # -- last: a mistake here would be a device-side assert, which ends every later CUDA call --------
