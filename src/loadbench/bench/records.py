@@ -93,6 +93,12 @@ class RunRecord(BaseModel):
         return self
 
 
+def steady_epochs(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs of a run the study compares: every one after the first (a cold start apart),
+    or the only one. The report's numbers and adaptive repeats' stopping rule both use these."""
+    return epochs[1:] or epochs
+
+
 @dataclass
 class RunsFile:
     """runs.jsonl as read: its records with their line numbers, and what is wrong with the

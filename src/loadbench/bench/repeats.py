@@ -26,7 +26,7 @@ from typing import Any
 
 from loadbench.bench.experiment import AdaptiveRepeats, Experiment
 from loadbench.bench.matrix import Cell, RunSpec, plan_round, run_key
-from loadbench.bench.records import read_runs
+from loadbench.bench.records import read_runs, steady_epochs
 from loadbench.significance import median_ci
 from loadbench.util import now_iso, write_json_atomic
 
@@ -39,7 +39,7 @@ def steady_epoch_s(record: dict[str, Any]) -> float | None:
     """A run's steady-state epoch time: the median `time_s` of its epochs after the first, or
     of its only epoch (as the report's `run_row` takes it: the number the interval is of)."""
     epochs = [e for e in record.get("epochs") or [] if isinstance(e, dict)]
-    times = [e["time_s"] for e in epochs[1:] or epochs if e.get("time_s") is not None]
+    times = [e["time_s"] for e in steady_epochs(epochs) if e.get("time_s") is not None]
     return statistics.median(times) if times else None
 
 

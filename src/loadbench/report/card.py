@@ -20,14 +20,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from loadbench.bench.records import RUNS, RunRecord, latest_records
 from loadbench.errors import LoadbenchError
 from loadbench.report.data import CONFIG, Results, planned_repeats, warm_only
-from loadbench.report.tables import Table, config_name
-from loadbench.significance import median_ci
+from loadbench.report.tables import Table, aggregate, config_name
 from loadbench.util import now_iso, write_json_atomic
 
 CARD = "card.json"
 # Bumped when a field changes meaning or goes; a card of another schema is rebuilt from records.
 CARD_SCHEMA = 1
-CONFIDENCE = 0.95
 STATISTIC = (
     "per run, its steady-state epoch time (the median of its epochs after the first; the one "
     "epoch when it ran one); per configuration, the median of that over its repeats, with a "
@@ -279,14 +277,14 @@ def _distinct(values) -> list:
 def rank(results: Results, dataset: str) -> Ranking:
     """The configurations of `dataset`, fastest first (by median epoch time; ties by name)."""
     runs = warm_only(results.runs[results.runs["dataset"] == dataset])
-    ranked = []
-    for config, group in runs.groupby(CONFIG, sort=False, dropna=False):
-        times = [t for t in group["epoch_s"] if _finite(t) is not None]
-        median, low, high = median_ci(times, confidence=CONFIDENCE, seed=0)
-        name = config_name(dict(zip(CONFIG, config, strict=True)))
-        ranked.append(Ranked(rank=0, configuration=name, median_epoch_s=_finite(median),
-                             ci95_low_s=_finite(low), ci95_high_s=_finite(high),
-                             repeats=len(times)))  # fmt: skip
+    stats = aggregate(runs, CONFIG)  # the tables' medians and intervals, the same numbers
+    timed = runs.groupby(CONFIG, sort=False, dropna=False)["epoch_s"].count().to_numpy()
+    ranked = [
+        Ranked(rank=0, configuration=config_name(r), median_epoch_s=_finite(r["epoch_s"]),
+               ci95_low_s=_finite(r["epoch_ci_low"]), ci95_high_s=_finite(r["epoch_ci_high"]),
+               repeats=int(n))
+        for (_, r), n in zip(stats.iterrows(), timed, strict=True)
+    ]  # fmt: skip
     ranked.sort(key=lambda c: (c.median_epoch_s is None, c.median_epoch_s or 0, c.configuration))
     for number, config in enumerate(ranked, 1):
         config.rank = number

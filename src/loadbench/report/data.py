@@ -18,7 +18,14 @@ from typing import Any
 
 import pandas as pd
 
-from loadbench.bench.records import MARKER, RESULTS_SCHEMA, RUNS, RunRecord, latest_records
+from loadbench.bench.records import (
+    MARKER,
+    RESULTS_SCHEMA,
+    RUNS,
+    RunRecord,
+    latest_records,
+    steady_epochs,
+)
 from loadbench.errors import LoadbenchError
 from loadbench.manifest import MANIFEST
 
@@ -184,7 +191,7 @@ def _values(epochs: list[dict[str, Any]], key: str) -> list[float]:
 def run_row(r: RunRecord) -> dict[str, Any]:
     """One run reduced: the first epoch apart, the steady state as the median of the rest."""
     epochs = r.epochs or []
-    steady = epochs[1:] or epochs
+    steady = steady_epochs(epochs)
     times = _values(steady, "time_s")
     wall = sum(times)
     images = sum((r.store.get("images") or {}).values()) or None
