@@ -1,14 +1,18 @@
 """Loader speed side by side: loadbench's formats and access modes, the peer loaders, and the
-ceilings of this machine, measured in one run, with the ratios issue 6 sets as targets.
+ceilings of this machine, measured in one run, with the ratios issues 6 and 17 set as targets.
 
 Runs loader-only epochs (no model: the loader's own ceiling) through `loadbench bench` over a
-`cifar-like` source of 50,000 32x32 images and a `tinyimagenet-like` source of 20,000 64x64
-images, warm page cache, then a short training run for the data-stall share, and measures in
-this process the references the ratios need: a plain in-RAM torch tensor gathered batch by
-batch, the naive per-item read of chunked stores (no cache), and the one-core JPEG decode rate.
-Every number comes from this run; compare within it (the machine is shared and noisy).
+`cifar-like` source of 50,000 32x32 images, a `tinyimagenet-like` source of 20,000 64x64 images
+and a `masks-like` source of 500 512x512 images, warm page cache, then a short training run for
+the data-stall share, and measures in this process the references the ratios need: a plain
+in-RAM torch tensor gathered batch by batch, the naive per-item read of chunked stores (no
+cache), and the one-core JPEG decode rate. The `kinds` experiments set loadbench's fastest path
+on each kind of data (image files, arrays, records) beside every peer loader of that kind, at
+the same CPU budget (`_kinds.py`). Every number comes from this run; compare within it (the
+machine is shared and noisy).
 
     python benchmarks/loaders.py [--out bench-loaders] [--repeats 3] [--quick]
+                                 [--only kinds,kinds-png] [--markdown kinds.md]
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import os
 import statistics
 import time
 
+import _kinds
 import numpy as np
 import pandas as pd
 import torch
+from _machine import cpu_model
 
 import loadbench
+from loadbench.bench.env import library_versions
 from loadbench.bench.experiment import Experiment
 from loadbench.bench.records import read_runs
 from loadbench.bench.runner import run_experiment
-from loadbench.formats import PEER_NAMES, codecs, get_format
+from loadbench.formats import codecs, get_format, is_format
 from loadbench.formats.pixels import to_tensor
 from loadbench.report.data import load_results
 from loadbench.training.batches import make_batches
@@ -35,25 +42,28 @@ from loadbench.training.order import EpochOrder
 DATASETS = {
     "cifar-like": "synthetic:cifar-like?count={n}&eval_count=1000",
     "tinyimagenet-like": "synthetic:tinyimagenet-like?count={n}&eval_count=1000",
+    "masks-like": "synthetic:masks-like?count={n}&eval_count=50",
 }
-COUNTS = {"cifar-like": 50_000, "tinyimagenet-like": 20_000}
+COUNTS = {"cifar-like": 50_000, "tinyimagenet-like": 20_000, "masks-like": 500}
 FORMATS = ["files-jpeg", "files-png", "npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord",
-           "tensor"]  # fmt: skip
+           "arrayrecord", "tensor"]  # fmt: skip
 BATCH = 256
 # Chunked HDF5 (256 images a chunk, like zarr's default for 32x32) is the one the targets name.
 FORMAT_OPTIONS = {"hdf5": {"chunk_images": 256}, "torchvision-imagefolder": {"encoding": "jpeg"}}
 
 
 def experiments(counts: dict[str, int], repeats: int) -> dict[str, dict]:
-    datasets = [{"source": DATASETS[name].format(n=n), "name": name} for name, n in counts.items()]
+    every = [{"source": DATASETS[name].format(n=n), "name": name} for name, n in counts.items()]
+    datasets = every[:2]  # cifar-like and tinyimagenet-like: the masks are for the kinds
     common = {"datasets": datasets, "batch_size": BATCH, "mode": "loader-only", "epochs": 3,
               "repeats": repeats, "format_options": FORMAT_OPTIONS}  # fmt: skip
     train_count = min(10_000, counts["cifar-like"])
     return {
+        **_kinds.experiments(every, common),
         "loaders": {
             **common,
             "name": "loaders",
-            "formats": FORMATS + list(PEER_NAMES),
+            "formats": [f for f in FORMATS if is_format(f)],
             "access": ["sample", "batch"],
             "workers": [0, 2],
         },  # fmt: skip
@@ -165,14 +175,25 @@ def main() -> None:
     parser.add_argument("--out", default="bench-loaders", help="results directories go here")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a tenth of the images (a check)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated experiments to run "
+        "(loaders, device, block, train, kinds, kinds-png); default: all",
+    )
+    parser.add_argument("--markdown", help="write the kinds table here as Markdown")
     args = parser.parse_args()
-    counts = {k: v // 10 if args.quick else v for k, v in COUNTS.items()}
+    counts = {k: max(v // 10, 100) if args.quick else v for k, v in COUNTS.items()}
     cores = os.cpu_count() or 1
-    print(f"loadbench {loadbench.__version__}, torch {torch.__version__}, {cores} cores, "
-          f"batch {BATCH}, warm cache; images: {counts}")  # fmt: skip
+    print(f"loadbench {loadbench.__version__}, torch {torch.__version__}, {cores} cores "
+          f"({cpu_model()}), batch {BATCH}, warm cache; images: {counts}")  # fmt: skip
+    print("libraries: " + ", ".join(f"{k} {v}" for k, v in library_versions().items() if v))
 
     tables = {}
+    chosen = set(filter(None, args.only.split(",")))
     for name, spec in experiments(counts, args.repeats).items():
+        if chosen and name not in chosen:
+            continue
         outcome = run_experiment(Experiment.model_validate(spec), os.path.join(args.out, name))
         for cell, why in outcome.not_run:
             if "needs" in why:  # a peer that is not installed
@@ -181,6 +202,18 @@ def main() -> None:
             print(f"  FAILED: {run}: {error}")
         tables[name] = medians(os.path.join(args.out, name))
 
+    if {"kinds", "kinds-png"} <= set(tables):
+        kinds = _kinds.kinds_table(tables)
+        _kinds.print_kinds(kinds, cores)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(_kinds.markdown(kinds) + "\n")
+    if {"loaders", "device", "block", "train"} <= set(tables):
+        issue_6(tables, counts, args.out, cores)
+
+
+def issue_6(tables: dict[str, pd.DataFrame], counts: dict[str, int], out: str, cores: int):
+    """The formats' own table and the ratios issue 6 set as targets."""
     loaders = pd.concat([tables["loaders"], tables["device"]])
     print("\nimages/s (median over repeats of the steady-state epochs), loader only:")
     wide = loaders.pivot_table(index=["dataset", "format"], columns=["access", "workers"],
@@ -188,9 +221,10 @@ def main() -> None:
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(wide.round(0).to_string(na_rep="-"))
 
-    stores = os.path.join(args.out, "loaders")
+    stores = os.path.join(out, "loaders")
     print("\nratios (targets of issue 6):")
-    for ds, n in counts.items():
+    for ds in ("cifar-like", "tinyimagenet-like"):
+        n = counts[ds]
         shape = (32, 32, 3) if ds == "cifar-like" else (64, 64, 3)
         ceiling = in_ram_ceiling(n, shape)
         arrays = ["npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tensor"]
@@ -204,26 +238,13 @@ def main() -> None:
             target = 10 if ds == "cifar-like" else 0  # the target is for 32x32 images
             shown = verdict(ratio, target) if target else "(no target)"
             print(f"  npy batch / npy sample, {w} workers: {ratio:.1f}x {shown}")
-        for w in (0, 2):
-            ours = rate(loaders, ds, "files-jpeg", "sample", w)
-            peer = rate(loaders, ds, "torchvision-imagefolder", "sample", w)
-            print(
-                f"  files-jpeg / torchvision-imagefolder (sample, {w} workers): "
-                f"{ours:,.0f} / {peer:,.0f} = {ours / peer:.2f} {verdict(ours / peer, 1.0)}"
-            )
-            theirs = rate(loaders, ds, "webdataset-lib", "sample", w)
-            for access in ("sample", "batch"):
-                mine = rate(loaders, ds, "webdataset", access, w)
-                print(f"  webdataset ({access}) / webdataset-lib, {w} workers: "
-                      f"{mine:,.0f} / {theirs:,.0f} = {mine / theirs:.2f} "
-                      f"{verdict(mine / theirs, 1.0)}")  # fmt: skip
         jpeg_store = _store_path(stores, ds, "files-jpeg")
         if jpeg_store:
             limit = jpeg_decode_rate(jpeg_store) * cores
             print(f"  JPEG decode on one core, from memory, x {cores} cores: {limit:,.0f} img/s")
-            for fmt in ("files-jpeg", "torchvision-imagefolder"):
-                best = max(rate(loaders, ds, fmt, "sample", w) for w in (0, 2))
-                print(f"    {fmt} reaches {best / limit:.2f} of it")
+            best = max(rate(loaders, ds, "files-jpeg", a, w) for a in ("sample", "batch")
+                       for w in (0, 2))  # fmt: skip
+            print(f"    files-jpeg reaches {best / limit:.2f} of it")
 
     block = tables["block"]
     print("\nchunked stores, shuffled sample access, cifar-like (cache 16 MiB in the block run):")
@@ -242,7 +263,7 @@ def main() -> None:
                 f"    16 MiB cache, {w} workers: exact order {exact:,.0f}, block order "
                 f"{blocked:,.0f} img/s ({blocked / exact:.1f}x)"
             )
-    quality = load_results(os.path.join(args.out, "block")).runs
+    quality = load_results(os.path.join(out, "block")).runs
     for order, part in quality.groupby("shuffle"):
         print(
             f"  {order} order: jump ratio {part['order_jump_ratio'].median():.3f}, "

@@ -53,13 +53,14 @@ MAX_WHEELS_MIB=48 # of the 64 MiB the device tool carries, the rest is for the w
 # pin here when pyproject.toml or .venv moves on; `download` checks the closure.
 PACKAGES=(
   # storage formats and their dependencies
-  zarr==3.1.6 donfig==0.8.1.post1 google-crc32c==1.9.0 numcodecs==0.16.6 crc32c==2.9.post0
+  zarr==3.1.6 donfig==0.8.1.post1 google-crc32c==1.9.0 numcodecs==0.16.6 crc32c==2.8
   lmdb==3.0.0 webdataset==1.0.2 braceexpand==0.1.7 protobuf==7.36.2
+  array-record==0.8.6 absl-py==2.5.1 etils==1.15.0
   # options and records
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0 PyYAML==6.0.4
   # telemetry, synthetic sources (threadpoolctl comes with scikit-learn; pinned here all the same)
-  psutil==7.2.2 threadpoolctl==3.8.0 packaging==26.4
+  psutil==7.2.2 threadpoolctl==3.8.0 packaging==26.3
   # the test extra (ruff, datasets, litdata and moto are left out: see LEFT_OUT)
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 pytest-xdist==3.8.0
   execnet==2.1.2 hypothesis==6.170.27 sortedcontainers==2.4.0
@@ -77,6 +78,11 @@ s3fs=stores on object storage only (and pins fsspec to its own release)
 ruff=lint only
 datasets=peer loader (--format peers), its tests skip without it
 litdata=peer loader (--format peers), its tests skip without it
+tensorflow-cpu=peer loader, ~250 MB (over what the device tool carries); its tests skip without it
+nvidia-dali-cuda130=peer loader, ~500 MB (over what the device tool carries); its tests skip without it
+spdl=peer loader, with FFmpeg libraries (over what the device tool carries); its tests skip without it
+grain=peer loader, with its dependencies (over what the device tool carries); its tests skip without it
+streaming-community=peer loader, with its cloud SDKs (over what the device tool carries); its tests skip without it
 moto=the S3 server of the remote-store tests"
 
 say() { printf '\n== %s\n' "$*"; }

@@ -32,7 +32,10 @@ def preload() -> None:
 
     loadbench.formats.list_formats(peers=True)
     for module in ("torchvision.io", "PIL.PngImagePlugin", "PIL.JpegImagePlugin", "h5py", "zarr",
-                   "lmdb", "webdataset", "tfrecord", "crc32c", "datasets", "litdata"):  # fmt: skip
+                   "lmdb", "webdataset", "tfrecord", "crc32c", "datasets", "litdata",
+                   "array_record.python.array_record_module", "nvidia.dali",
+                   "nvidia.dali.plugin.pytorch", "spdl.io", "spdl.pipeline", "grain",
+                   "streaming", "ffcv"):  # fmt: skip
         with contextlib.suppress(ImportError):  # a peer that is not installed is not fuzzed
             importlib.import_module(module)
 

@@ -21,6 +21,7 @@ from loadbench.bench.records import read_runs
 from loadbench.bench.runner import run_experiment
 from loadbench.bench.telemetry import Sampler
 from loadbench.errors import LoadbenchError
+from loadbench.formats import format_names
 
 TINY = "synthetic:cifar-like?count=96&eval_count=32&size=12&classes=3"
 # TINY has train and test splits only: each epoch evaluates (and records) the test split.
@@ -185,7 +186,7 @@ def test_a_results_directory_of_another_schema_is_refused(tmp_path):
 
 def test_the_default_experiment_is_valid_and_covers_every_format():
     exp = load_experiment(None)
-    assert len(exp.formats) == 9 and exp.repeats >= 2
+    assert exp.formats == format_names() and exp.repeats >= 2
     labels = {d.label for d in exp.datasets}
     assert {"digits", "cifar-like", "tinyimagenet-like", "masks-like"} <= labels
 

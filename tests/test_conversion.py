@@ -119,9 +119,8 @@ def test_convert_many_skips_what_a_format_cannot_store(tmp_path, rgb_source):
     assert by_format["files-jpeg"].store is None
     assert "stores uint8 only" in by_format["files-png"].note
     made = sorted(os.listdir(tmp_path))
-    assert made == sorted(
-        f"{f}-float16" for f in ("npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "tensor")
-    )
+    arrays = ("npy", "hdf5", "zarr", "lmdb", "webdataset", "tfrecord", "arrayrecord", "tensor")
+    assert made == sorted(f"{f}-float16" for f in arrays)
 
 
 def test_convert_many_passes_each_format_its_own_options(tmp_path, rgb_source):

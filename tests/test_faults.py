@@ -88,7 +88,7 @@ def loadbench_cli(*args: str) -> str:
 # -- a full disk ---------------------------------------------------------------------------------
 
 DEFAULT_FORMATS = ["npy", "hdf5", "webdataset", "tensor"]  # SIGBUS, SIGSEGV, a traceback before
-OTHER_FORMATS = ["zarr", "lmdb", "tfrecord", "files-png", "files-jpeg"]
+OTHER_FORMATS = ["zarr", "lmdb", "tfrecord", "arrayrecord", "files-png", "files-jpeg"]
 
 
 def _check_full(outcome: Outcome) -> str:

@@ -24,7 +24,8 @@ from loadbench.verify import verify_path
 
 SECRET = "s3cr3t-never-written-anywhere"
 SOURCE = "synthetic:cifar-like?count=60&eval_count=20&size=12&classes=3"
-LOCAL_FILE_FORMATS = {"lmdb"}  # read through a local copy only (zarr zip too, option-dependent)
+# Read through a local copy only (zarr zip too, option-dependent).
+LOCAL_FILE_FORMATS = {"lmdb", "arrayrecord"}
 REMOTE_FORMATS = [n for n in FORMAT_NAMES if not get_format(n).peer]
 
 

@@ -172,7 +172,7 @@ def _convert_to_url(source: Source, fmt: Format, url: str, dtype: str, identity:
                     jobs: int) -> Store:  # fmt: skip
     """`convert` to an fsspec URL, with the options and identity already resolved: reuse an
     identical store there, else convert into a local staging directory and upload it."""
-    if fmt.peer:
+    if fmt.peer and not fmt.reads_remote:
         raise LoadbenchError(f"{fmt.name} is a peer loader, which reads local stores only")
     files = StoreFiles(url, storage_options)
     existing = upload.existing_identity(files)

@@ -7,7 +7,7 @@ What each stage holds:
   `sample` access it holds the per-item `Dataset` calls too: timing each image would cost ~2% of
   an npy image's time, so a batch's items are timed together.
 - `decode`: `codecs.decode` of JPEG or PNG bytes (files-*, webdataset, tfrecord), wherever a
-  reader calls it: it adds to the loader whose batch its process works on (`current`).
+  reader calls it: it adds to the loader whose batch its thread works on (`counting()`).
 - `collate`: the conversion to float32 (N, C, H, W), stacking items into a batch, the copy
   into a worker's ring slot and out of it, pinning by the ring. In `batch` access the tensor
   format gathers and converts in one call (its split is in memory): all of it is collate.
@@ -25,13 +25,15 @@ stages held 78-86% of an npy epoch at 130-230k images/s, 97-99% of a files-jpeg 
 
 Counts cross DataLoader workers as `CacheCounters` do: a small int64 tensor in shared memory
 with a row per process (0: the main process, 1 + id: a worker), made before the workers start.
-A process adds to Python ints and moves them into its row once per batch (`end`). Setting
+A process adds to Python ints and moves them into its row once per batch (`end`). A loader's
+threads (`threads` access) count as workers do, each in a row of its own (`for_thread`). Setting
 `LOADBENCH_STAGES=0` (or `ENABLED = False` before a loader is made) makes loaders count nothing.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from time import perf_counter_ns
 from typing import Any
 
@@ -42,8 +44,13 @@ SLOTS = 65  # the main process and up to 64 DataLoader workers count apart
 
 ENABLED = os.environ.get("LOADBENCH_STAGES", "1") != "0"
 
-# The counters of the loader whose batch this process is working on: decode time goes there.
-current: StageCounters | None = None
+# The counters of the loader whose batch this thread is working on: decode time goes there.
+_working = threading.local()
+
+
+def counting() -> StageCounters | None:
+    """The counters of the batch this thread is working on, if any (a decoder adds to them)."""
+    return getattr(_working, "counters", None)
 
 
 class StageCounters:
@@ -81,10 +88,9 @@ class StageCounters:
 
     # -- a batch, in the process that makes it ------------------------------------------------
     def begin(self) -> None:
-        global current
         if os.getpid() != self._pid:  # a worker's first batch
             self._adopt()
-        current = self
+        _working.counters = self
         self._mark = perf_counter_ns()
 
     def lap(self, stage: int) -> None:
@@ -110,11 +116,10 @@ class StageCounters:
     def end(self, stage: int, images: int = 0) -> None:
         """The batch is done: the time since the last lap goes to `stage`; a worker moves its
         counts into its row now (the main process's are moved by `snapshot`)."""
-        global current
         self.lap(stage)
         if images:
             self.count(images)
-        current = None
+        _working.counters = None
         if self._row:
             self._flush()
 
@@ -123,6 +128,16 @@ class StageCounters:
         self._pending[stage] += value
         if stage == H2D:
             self.h2d_measured = True
+
+    def for_thread(self, number: int) -> StageCounters:
+        """Counters for thread `number` of a loader in this process: the same table, a row of
+        their own (as worker `number` would have), laps and pending counts of their own."""
+        view = object.__new__(StageCounters)  # not copy.copy: __setstate__ is a spawned worker's
+        view.__dict__.update(self.__dict__)
+        view._pending = [0] * len(FIELDS)
+        view._decoded = 0
+        view._row = 1 + number % (SLOTS - 1)
+        return view
 
     def _adopt(self) -> None:
         """This process's row; counts a forked worker inherited from its parent are not its."""
@@ -183,23 +198,24 @@ def new_counters(item_bytes: int) -> StageCounters | None:
 
 
 def lap(stage: int) -> None:
-    """A lap of the batch this process is working on, if any (for readers: `current`)."""
-    if current is not None:
-        current.lap(stage)
+    """A lap of the batch this thread is working on, if any (for readers: `counting()`)."""
+    counters = counting()
+    if counters is not None:
+        counters.lap(stage)
 
 
 def end(stage: int) -> None:
-    """`StageCounters.end` of the batch this process is working on, if any."""
-    if current is not None:
-        current.end(stage)
+    """`StageCounters.end` of the batch this thread is working on, if any."""
+    counters = counting()
+    if counters is not None:
+        counters.end(stage)
 
 
 class Uncounted:
     """What a loader without counters calls: nothing is counted."""
 
     def begin(self) -> None:
-        global current
-        current = None  # decoding in this batch counts for no other loader
+        _working.counters = None  # decoding in this batch counts for no other loader
 
     def lap(self, stage: int) -> None:
         pass

@@ -79,9 +79,15 @@ class Store:
         self._check_split(split)
         return StoreDataset(self.new_reader(split), self.classes, transform)
 
-    def read_batch(self, split: str, indices) -> tuple[Any, Any]:
-        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N) for `indices`, in one call."""
-        return self.raw(split).read_batch_tensor(indices)
+    def read_batch(self, split: str, indices, out=None) -> tuple[Any, Any]:
+        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N) for `indices`, in one call.
+
+        Each call returns tensors of their own; with `out` (a float32 tensor of the batch's
+        shape), the images are written into it instead, and it is returned."""
+        reader = self.raw(split)
+        if out is None:
+            return reader.read_batch_tensor(indices)
+        return reader.read_batch_tensor(indices, out=out)
 
     def __len__(self) -> int:
         return sum(self.counts.values())
@@ -229,7 +235,7 @@ def open_store(
             f"store {files.root} has {manifest.format} layout version {manifest.format_version},"
             f" this loadbench reads version {fmt.version}; convert the store again"
         )
-    if files.remote and fmt.peer:
+    if files.remote and fmt.peer and not fmt.reads_remote:
         raise LoadbenchError(
             f"{files.root}: {manifest.format} is a peer loader, which reads local stores only"
         )

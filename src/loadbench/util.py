@@ -140,3 +140,19 @@ def interrupts_held() -> Iterator[None]:
         previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
     elif pressed and previous == signal.SIG_DFL:
         raise KeyboardInterrupt
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_budget(workers: int) -> int:
+    """The cores a run's loader may use, as a run states it: its worker processes, or the main
+    process when it has none, at most the cores it can run on. Peers that load with threads
+    (DALI, tf.data, SPDL, Grain, FFCV) get this many threads, so that every loader of a
+    comparison runs on the same budget."""
+    return min(max(1, workers), usable_cores())

@@ -65,8 +65,9 @@ def git_dirty() -> bool | None:
 # libraries, the peer loaders', the decoders and what the report computes with.
 LIBRARIES = (
     "torchvision", "pillow", "h5py", "zarr", "numcodecs", "lmdb", "webdataset", "tfrecord",
-    "protobuf", "pyarrow", "fsspec", "s3fs", "datasets", "litdata", "pandas", "scipy",
-    "nvidia-ml-py",
+    "protobuf", "array-record", "pyarrow", "fsspec", "s3fs", "datasets", "litdata",
+    "tensorflow-cpu", "tensorflow", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "spdl", "grain",
+    "streaming-community", "mosaicml-streaming", "ffcv", "pandas", "scipy", "nvidia-ml-py",
 )  # fmt: skip
 
 

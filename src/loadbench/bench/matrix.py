@@ -182,7 +182,7 @@ def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
     if cell.dtype not in fmt.dtypes:
         return f"{cell.format} stores {'/'.join(fmt.dtypes)} only"
     if not cell.storage.local:
-        if fmt.peer:
+        if fmt.peer and not fmt.reads_remote:
             return f"{cell.format} is a peer loader, which reads local stores only"
         if fmt.needs_local_file(options) and not cell.storage.cache_dir:
             return f"{cell.format} reads a real file: on object storage it needs storage.cache_dir"

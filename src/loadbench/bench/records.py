@@ -66,6 +66,11 @@ class RunRecord(BaseModel):
     pid: int | None = None
     eviction: dict[str, Any] | None = None  # cold runs: what was evicted, and whether it worked
     world_size: int | None = None
+    # The cores the run's loader may use (its workers or threads, at least 1, at most the
+    # cores it can run on: `util.cpu_budget`), and whether its format is a peer loader.
+    cpu_budget: int | None = None
+    peer: bool | None = None
+    epoch_order: str | None = None  # "exact" (loadbench's), or "own": a peer library's shuffle
     setup: dict[str, Any] | None = None
     plan: str | None = None
     order_quality: dict[str, Any] | None = None

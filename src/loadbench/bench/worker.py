@@ -23,8 +23,9 @@ from loadbench.bench.matrix import RunSpec
 from loadbench.bench.records import RunRecord
 from loadbench.bench.torchrun import RANK_FAILED
 from loadbench.errors import LoadbenchError
+from loadbench.formats import get_format
 from loadbench.stages import StageWindow
-from loadbench.util import die_with_parent, now_iso, write_json_atomic
+from loadbench.util import cpu_budget, die_with_parent, now_iso, write_json_atomic
 
 
 def execute(spec: RunSpec) -> RunRecord:
@@ -45,6 +46,9 @@ def execute(spec: RunSpec) -> RunRecord:
         record.eviction = evict_read_through(spec) if remote else evict(spec.store_path)
     dist.barrier()  # no rank reads before the eviction
     record.world_size = dist.world
+    record.cpu_budget = cpu_budget(spec.cell.workers)
+    record.peer = get_format(spec.cell.format).peer
+    record.epoch_order = "own" if get_format(spec.cell.format).own_order else "exact"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()

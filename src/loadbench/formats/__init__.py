@@ -33,6 +33,7 @@ MODULES = (
     "loadbench.formats.lmdb_store",
     "loadbench.formats.webdataset",
     "loadbench.formats.tfrecord",
+    "loadbench.formats.arrayrecord",
     "loadbench.formats.tensor",
 )
 # Peer loaders (other projects' libraries, optional installs) are found, not listed: every

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -135,6 +136,7 @@ class SplitReader:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_pid"] = None
+        state.pop("_buffers", None)  # `_staging`'s, for the threads of this process
         return state
 
     def __del__(self) -> None:
@@ -200,13 +202,44 @@ class SplitReader:
         images, labels = self.read_items(np.arange(self.count, dtype=np.int64))
         return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
-    def read_batch_tensor(self, indices):
-        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model."""
+    def read_batch_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The images of `indices` (checked, any order) written into `out` (n, H, W, C) in the
+        storage dtype; returns their labels. Formats that can write a batch in place (decode
+        into it, gather into it) override this; by default a `read_batch` copied in."""
+        images, labels = self.read_batch(indices)
+        out[...] = images
+        return labels
+
+    def read_batch_tensor(self, indices, out=None):
+        """(float32 tensor N,C,H,W in [0, 1], int64 tensor N): the batch ready for a model.
+
+        Each call returns new tensors, or writes the images into `out` (a float32 tensor of the
+        batch's shape) when given. Formats that write in place (`read_batch_into`) gather into
+        a buffer this reader keeps for the thread calling it, so that the stored pixels of a
+        batch are written once and converted once. Outside DataLoader workers, the conversion
+        uses every core, as torch's own conversion would."""
         import torch
 
-        images, labels = self.read_batch(indices)
+        indices = self.check_indices(indices)
+        if type(self).read_batch_into is SplitReader.read_batch_into:
+            images, labels = self.read_batch(indices)
+        else:
+            images = self._staging(len(indices))
+            labels = self.read_batch_into(indices, images)
         stages.lap(stages.READ)  # a loader's read ends here; the conversion is its collate
-        return to_tensor(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        threads = (os.cpu_count() or 1) if torch.utils.data.get_worker_info() is None else 1
+        images = to_tensor(images, out=out, threads=threads)  # a worker converts in one part
+        return images, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def _staging(self, n: int) -> np.ndarray:
+        """This thread's reused array of `n` stored images (grown when a batch is larger)."""
+        local = self.__dict__.get("_buffers")
+        if local is None:
+            local = self.__dict__.setdefault("_buffers", threading.local())
+        buffer = getattr(local, "images", None)
+        if buffer is None or len(buffer) < n:
+            local.images = buffer = self._empty(n)
+        return buffer[:n]
 
     def iter_blocks(self, block: int):
         """(start, images, labels) over the whole split in order, `block` images at a time."""
@@ -250,6 +283,17 @@ class SplitReader:
         )
 
 
+def _importable(module: str) -> bool:
+    """Whether `module` is installed; a dotted name whose parent package is missing is not
+    (`find_spec` raises for it instead of answering)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def one_line(error: BaseException | str, limit: int = 300) -> str:
     """A library's error message on one line (some span several, or quote whole files), cut at
     `limit` characters; the exception's type name when it has no message."""
@@ -290,14 +334,13 @@ class Format:
     peer: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()  # modules that must import (pip names in `install`)
     install: ClassVar[str] = ""
-    accesses: ClassVar[tuple[str, ...]] = ("sample", "batch", "device")
+    accesses: ClassVar[tuple[str, ...]] = ("sample", "batch", "threads", "device")
     own_order: ClassVar[bool] = False  # a peer that streams in its library's order, not ours
+    reads_remote: ClassVar[bool] = False  # a peer whose library reads stores on object storage
 
     def missing(self) -> str | None:
         """Why this format cannot run here (a module it needs does not import), else None."""
-        import importlib.util
-
-        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        absent = [m for m in self.requires if not _importable(m)]
         if not absent:
             return None
         return (

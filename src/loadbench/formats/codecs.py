@@ -17,6 +17,7 @@ from time import perf_counter_ns
 import numpy as np
 
 from loadbench import stages
+from loadbench.formats import libpng, turbojpeg
 from loadbench.formats.base import Option
 
 JPEG_OPTIONS = {
@@ -67,19 +68,24 @@ def decode(data: bytes, channels: int, size: tuple[int, int] | None = None) -> n
     header says another size than `size` (H, W) or more pixels than `max_pixels()`, before its
     pixels are decoded.
 
-    JPEG goes to torchvision.io (libjpeg-turbo): 2.4-2.7x Pillow's speed on 32x32 images, the
-    header walk and the copy to (H, W, C) included (0.85x bare decode_jpeg; 1.0x at 256x256);
-    5,400 fuzzed JPEGs only ever made it raise. PNG goes to Pillow, 0.6-0.7x decode_png's speed at
-    32x32 and 0.9x at 256x256: torchvision's decode_png kills the process (SIGSEGV) on any libpng
-    error met while reading rows (a flipped bit in IDAT, or a crafted file with valid CRCs and a
-    bad filter byte), and proving a PNG safe for it (CRCs, inflate, filter bytes) leaves it no
-    faster than Pillow at 32x32 and at 0.6x Pillow's speed at 256x256. One core, from memory:
+    JPEG goes to libjpeg-turbo: TurboJPEG where the system has it (`turbojpeg.py`: 1.7x the op
+    below on 32x32 images, the same pixels), else torchvision's decode_jpeg op, 2.4-2.7x
+    Pillow's speed on 32x32 images, the header walk and the copy to (H, W, C) included (0.85x
+    bare decode_jpeg; 1.0x at 256x256); 5,400 fuzzed JPEGs only ever made it raise.
+
+    PNG goes to libpng's simplified API where the system has it and the PNG is one whose pixels
+    it gives as Pillow does (`libpng.py`: 1.85x Pillow on 32x32 images), else to Pillow,
+    0.6-0.7x decode_png's speed at 32x32 and 0.9x at 256x256:
+    torchvision's decode_png kills the process (SIGSEGV) on any libpng error met while reading
+    rows (a flipped bit in IDAT, or a crafted file with valid CRCs and a bad filter byte), and
+    proving a PNG safe for it (CRCs, inflate, filter bytes) leaves it no faster than Pillow at
+    32x32 and at 0.6x Pillow's speed at 256x256. One core, from memory:
     benchmarks/decode_guard.py, 2026-12-04.
 
     Inside a loader's batch, the call's time and `data`'s size count as its decode time and
     bytes read (`stages.py`): 0.25 us a call, 0.03 us outside a loader.
     """
-    counting = stages.current
+    counting = stages.counting()
     if counting is None:
         return _decode(data, channels, size)
     started = perf_counter_ns()
@@ -88,18 +94,58 @@ def decode(data: bytes, channels: int, size: tuple[int, int] | None = None) -> n
     return image
 
 
+def decode_into(data: bytes | bytearray, out: np.ndarray) -> None:
+    """`decode` of an image of `out`'s (H, W, C) shape, written into `out`: a batch decodes
+    straight into its own array. The decoders, checks and counts are `decode`'s."""
+    counting = stages.counting()
+    started = perf_counter_ns() if counting is not None else 0
+    h, w, c = out.shape
+    if data[:2] == JPEG_SOI:
+        image = _decode_jpeg(data, c, (h, w), out)
+    else:
+        image = out if libpng.decode_into(data, out) else None
+    if image is None:
+        out[...] = decode_pil(data, c, (h, w))
+    elif image is not out:
+        out[...] = image
+    if counting is not None:
+        counting.decoded(perf_counter_ns() - started, len(data))
+
+
 def _decode(data: bytes, channels: int, size: tuple[int, int] | None) -> np.ndarray:
-    if data[:2] == JPEG_SOI and (declared := jpeg_size(data)) is not None:
-        _check_size(declared, size)
-        _check_pixels(declared)
-        try:
-            image = _decode_torchvision_jpeg(data, channels)
-        except RuntimeError:
-            pass  # Pillow decodes what libjpeg-turbo refuses, or says what is wrong
-        else:
-            _check_size(image.shape[:2], size)
-            return image
-    return decode_pil(data, channels, size)
+    if data[:2] == JPEG_SOI:
+        image = _decode_jpeg(data, channels, size)
+    elif size is not None and libpng.available():  # libpng needs the size first
+        image = np.empty((*size, channels), np.uint8)
+        image = image if libpng.decode_into(data, image) else None
+    else:
+        image = None
+    return decode_pil(data, channels, size) if image is None else image
+
+
+def _decode_jpeg(data: bytes | bytearray, channels: int, size: tuple[int, int] | None,
+                 out: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+    """A JPEG's pixels (H, W, C): written into `out` by TurboJPEG where it is installed
+    (`turbojpeg.py`), else by torchvision's op; None for Pillow to decode, or to say what is
+    wrong with it (a header the walk cannot read, an error of libjpeg-turbo)."""
+    declared = jpeg_size(data)
+    if declared is None:
+        return None
+    _check_size(declared, size)
+    _check_pixels(declared)
+    if turbojpeg.available():
+        target = np.empty((*declared, channels), np.uint8) if out is None else out
+        if turbojpeg.decode_into(data, target):
+            return target
+    torch, decode_jpeg, modes = _torchvision_jpeg()
+    encoded = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
+                               dtype=torch.uint8)  # fmt: skip
+    try:
+        image = decode_jpeg(encoded, modes[channels == 1], False)
+    except RuntimeError:
+        return None  # Pillow decodes what libjpeg-turbo refuses, or says what is wrong
+    _check_size(image.shape[1:], size)
+    return image.permute(1, 2, 0).numpy()  # the op's (C, H, W) is a view of (H, W, C) pixels
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -122,20 +168,22 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_torchvision_jpeg(data: bytes, channels: int) -> np.ndarray:
-    torch, decode_jpeg, modes = _torchvision_jpeg()
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_jpeg(encoded, mode=modes[channels == 1]).permute(1, 2, 0).numpy()
-
-
 @functools.cache
 def _torchvision_jpeg():
-    """(torch, decode_jpeg, (RGB, GRAY) modes), imported on first use, once: the imports cost
-    a 32x32 image's decode 5% when done at each call."""
+    """(torch, torchvision's decode_jpeg op, its (RGB, GRAY) mode numbers), imported on first
+    use, once. The op is called without `torchvision.io.decode_jpeg`, whose checks, API-usage
+    log and deprecation warning cost a 32x32 image's decode 20% (6 of 30 us)."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode
 
-    return torch, decode_jpeg, (ImageReadMode.RGB, ImageReadMode.GRAY)
+    return torch, torch.ops.image.decode_jpeg, (ImageReadMode.RGB.value, ImageReadMode.GRAY.value)
+
+
+def load_jpeg_decoder() -> None:
+    """Load the JPEG decoder now (in a loader's main process, so that workers forked from it
+    do not each import torchvision in their first batch)."""
+    if not turbojpeg.available():
+        _torchvision_jpeg()
 
 
 def decode_pil(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -188,10 +236,16 @@ def open_image(fp, formats: tuple[str, ...] | None = None):
 
 def max_pixels() -> int | None:
     """The most pixels an image may have (Pillow's refusal limit; None: none)."""
+    limit = _pil_image().MAX_IMAGE_PIXELS  # read at each call: a program may change it
+    return None if limit is None else 2 * int(limit)
+
+
+@functools.cache
+def _pil_image():
+    """`PIL.Image`, imported once (an import statement per image costs a 32x32 JPEG 3%)."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    return None if limit is None else 2 * int(limit)
+    return Image
 
 
 def _bomb_message(error: Exception | int) -> str:

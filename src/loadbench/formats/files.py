@@ -9,6 +9,7 @@ a damaged file cannot crash (see `codecs.decode`).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,9 @@ class FilesReader(SplitReader):
         if not _is_layout(self.class_dirs, self.width, self.ext, len(manifest.classes)):
             layout = f"{self.class_dirs!r}, name_width {self.width!r}, extension {self.ext!r}"
             raise self._damaged(f"the manifest's file layout of {split}", f"class_dirs {layout}")
+        own_reads = type(self).read_items is FilesReader.read_items  # not a peer's reader
+        if own_reads and self.ext == codecs.EXTENSIONS["jpeg"]:  # here: forked workers have it
+            codecs.load_jpeg_decoder()
 
     def _open(self):
         rel = f"{self.split}/labels.npy"
@@ -124,29 +128,63 @@ class FilesReader(SplitReader):
         return f"{self.split}/{self.class_dirs[label]}/{index:0{self.width}d}.{self.ext}"
 
     def read_items(self, indices: np.ndarray):
-        labels = self.handle[indices]
         out = self._empty(len(indices))
-        if not self.files.has_local_files:  # object storage: the batch's files fetched at once
-            rels = [self.relpath(int(i), int(y)) for i, y in zip(indices, labels, strict=True)]
-            for k, (rel, data) in enumerate(zip(rels, self.files.read_many(rels), strict=True)):
-                out[k] = self._decode(data, rel)
-            return out, labels
-        rels = [self.relpath(int(i), int(y)) for i, y in zip(indices, labels, strict=True)]
-        for k, (rel, path) in enumerate(zip(rels, self.files.local_paths(rels), strict=True)):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise self._damaged(f"cannot read {rel}", e) from None
-            out[k] = self._decode(data, rel)
-        return out, labels
+        return out, self.read_batch_into(indices, out)
 
-    def _decode(self, data: bytes, rel: str) -> np.ndarray:
-        h, w, c = self.image_shape
+    def read_batch_into(self, indices, out):
+        """Each image's file read and decoded straight into `out`, in the order asked (files
+        are read one by one: sorting them first gains nothing)."""
+        if type(self).read_items is not FilesReader.read_items:  # a reader of its own (a peer)
+            return super().read_batch_into(indices, out)
+        labels = self.handle[indices].astype(np.int64)
+        rels = None
+        if self.files.remote:  # object storage or its cache: the batch's files fetched at once
+            rels = [self.relpath(int(i), int(y)) for i, y in zip(indices, labels, strict=True)]
+        if rels is not None and not self.files.has_local_files:
+            for k, (rel, data) in enumerate(zip(rels, self.files.read_many(rels), strict=True)):
+                self._decode_into(data, out[k], rel)
+            return labels
+        paths = self.files.local_paths(rels) if rels is not None else self._paths(indices, labels)
+        for k, path in enumerate(paths):
+            try:
+                data = read_file(path)
+            except OSError as e:
+                raise self._damaged(f"cannot read {self._rel_of(indices, labels, k)}", e) from None
+            self._decode_into(data, out[k], None, indices, labels, k)
+        return labels
+
+    def _paths(self, indices: np.ndarray, labels: np.ndarray) -> list[str]:
+        """The local files of a batch, by formatting (~1 us an image, a fifth of `relpath` +
+        `local_paths`)."""
+        folders, width, ext = self._folders, self.width, self.ext
+        return [f"{folders[y]}{i:0{width}d}.{ext}"
+                for i, y in zip(indices.tolist(), labels.tolist(), strict=True)]  # fmt: skip
+
+    @functools.cached_property
+    def _folders(self) -> list[str]:
+        return [os.path.join(self.dir, name, "") for name in self.class_dirs]
+
+    def _rel_of(self, indices, labels, k: int) -> str:
+        return self.relpath(int(indices[k]), int(labels[k]))
+
+    def _decode_into(self, data, out: np.ndarray, rel: str | None, *where) -> None:
         try:
-            return codecs.decode(data, c, (h, w))
+            codecs.decode_into(data, out)
         except codecs.BadImage as e:
-            raise self._damaged(f"cannot decode {rel}", e) from None
+            raise self._damaged(f"cannot decode {rel or self._rel_of(*where)}", e) from None
+
+
+def read_file(path: str) -> bytes:
+    """A whole file, with `os` calls: half of `open().read()`'s 6 us for a small file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        while len(data) < size and (more := os.read(fd, size - len(data))):  # short reads
+            data += more
+        return data
+    finally:
+        os.close(fd)
 
 
 def _is_layout(class_dirs, width, ext, classes: int) -> bool:

@@ -111,6 +111,25 @@ class NpyReader(SplitReader):
             return np.array(h["images"][lo:hi]), np.array(h["labels"][lo:hi])
         return h["images"][indices], h["labels"][indices]
 
+    def read_batch(self, indices):
+        indices = self.check_indices(indices)
+        out = self._empty(len(indices))
+        return out, self.read_batch_into(indices, out)
+
+    def read_batch_into(self, indices, out):
+        """One gather from the memory map, in the order asked, straight into `out`: sorting
+        first (`SplitReader.read_batch`) costs a sort and a second copy, and page-cache reads
+        of a map gain nothing from order."""
+        h = self.handle
+        images, labels = h["images"], h["labels"]
+        if not isinstance(images, np.ndarray):  # object storage (`RangeArray`): sorted runs
+            out[...], labels = SplitReader.read_batch(self, indices)
+            return labels
+        # "clip" never clips checked indices, and writes `out` without the buffer that "raise"
+        # makes (a second copy of the batch).
+        np.take(images.view(np.ndarray), indices, axis=0, out=out, mode="clip")
+        return np.take(labels.view(np.ndarray), indices, mode="clip").astype(np.int64, copy=False)
+
     def close(self) -> None:
         self._handle = None  # memmaps unmap when the last reference goes
 

@@ -91,8 +91,9 @@ class TensorReader(SplitReader):
         self.device = str(device)
         return self.handle["images"], self.handle["labels"]
 
-    def read_batch_tensor(self, indices):
-        """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it.
+    def read_batch_tensor(self, indices, out=None):
+        """(float32 N,C,H,W in [0, 1], int64 N) on the device, without leaving it; with `out`
+        (a float32 tensor of the batch's shape), the images are copied into it.
 
         Indices already on the device (a permutation drawn there) are used as they are; others
         are checked on the host first, because an out-of-range index on CUDA is a device-side
@@ -105,7 +106,12 @@ class TensorReader(SplitReader):
             index = indices.long()
         else:
             index = torch.as_tensor(self.check_indices(indices), device=h["device"])
-        return to_tensor(h["images"][index]), h["labels"][index]
+        images = to_tensor(h["images"][index])
+        if out is not None:
+            if out.shape != images.shape or out.dtype != images.dtype:
+                raise ValueError(f"out must be a float32 tensor of shape {tuple(images.shape)}")
+            images = out.copy_(images)
+        return images, h["labels"][index]
 
 
 @register_format

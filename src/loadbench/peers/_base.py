@@ -8,6 +8,9 @@ import numpy as np
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats.base import Format
+from loadbench.util import cpu_budget  # the threads a thread-based peer gets
+
+__all__ = ["PeerFormat", "cpu_budget", "epoch_seed", "loader_args", "refuse_balance", "subset"]
 
 
 class PeerFormat(Format):

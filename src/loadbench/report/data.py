@@ -10,6 +10,7 @@ error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -163,6 +164,7 @@ RUN_COLUMNS = [
     "order_same_class", "storage", "read_through_hit_rate", "world_size", "straggler_ratio",
     "rank_images_per_s", "au", "timing", *(f"stage_{s}" for s in STAGES), "stage_bytes_read",
     "stopped",  # adaptive repeats: why the run's configuration got no more (repeats.json)
+    "cpu_budget", "peer",
 ]  # fmt: skip
 EPOCH_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
@@ -174,6 +176,24 @@ EPOCH_COLUMNS = [
 # What a run row takes from its record as it is.
 RECORD_KEYS = ["key", "dataset", "format", "dtype", "access", "workers", "shuffle", "cache",
                "mode", "repeat", "seed"]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def is_peer(name: str | None) -> bool:
+    """Whether records' format `name` is a peer loader (another project's library); False for
+    a name this loadbench does not know."""
+    return peer_mark(name) != ""
+
+
+@functools.lru_cache(maxsize=256)
+def peer_mark(name: str | None) -> str:
+    """How a configuration's name marks a peer loader: " (peer)", or " (peer, own order)" for
+    one that draws its library's epoch order instead of loadbench's; "" for the rest."""
+    from loadbench.formats import get_format, is_format
+
+    if not name or not is_format(name) or not get_format(name).peer:
+        return ""
+    return " (peer, own order)" if get_format(name).own_order else " (peer)"
 
 
 def _get(d: dict[str, Any] | None, *keys, default=None):
@@ -232,6 +252,9 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         "au": _median(_values(steady, "au")),
         "timing": _timing(r),
         **{f"stage_{k}": _median(_values(stages, k)) for k in (*STAGES, "bytes_read")},
+        # Records before the budget was stated: its workers, or the main process.
+        "cpu_budget": r.cpu_budget or max(1, r.workers or 0),
+        "peer": r.peer if r.peer is not None else is_peer(r.format),
     }
 
 

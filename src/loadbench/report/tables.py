@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from loadbench.report.comparisons import comparisons, config_key
-from loadbench.report.data import CONFIG, STAGES, Results, warm_only
+from loadbench.report.data import CONFIG, STAGES, Results, is_peer, peer_mark, warm_only
 from loadbench.significance import (
     ALPHA,
     SPREAD_LIMIT,
@@ -53,8 +53,10 @@ def world_suffix(world_size) -> str:
 
 
 def config_name(row) -> str:
+    """format/dtype/access/wN, with its order, world and storage when not the default, and
+    " (peer)" for another project's loader."""
     suffix = order_suffix(row.get("shuffle")) + world_suffix(row.get("world_size"))
-    suffix += storage_suffix(row.get("storage"))
+    suffix += storage_suffix(row.get("storage")) + peer_mark(row["format"])
     return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}{suffix}"
 
 
@@ -71,6 +73,7 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         first_epoch_s=("first_epoch_s", "median"),
         total_time_s=("total_time_s", "median"),
         images_per_s=("images_per_s", "median"),
+        cpu_budget=("cpu_budget", "first"),
         stall_share=("stall_share", "median"),
         data_wait_s=("data_wait_s", "median"),
         compute_s=("compute_s", "median"),
@@ -141,6 +144,7 @@ def dataset_table(results: Results, dataset: str) -> Table:
         "remote": (table["storage"] != "local").any(),
         "ddp": (table["world_size"] > 1).any(),
         "adaptive": table["stopped"].notna().any(),
+        "peer": any(is_peer(name) for name in table["format"]),
     }
     groups = [columns for key, columns in _column_groups(caches[0]) if key is None or shown[key]]
     headers = [h for columns in groups for h in columns.headers]
@@ -198,10 +202,12 @@ def _column_groups(main_cache: str) -> list[tuple[str | None, _Columns]]:
         ("cold", _Columns(["epoch s (cold)"], lambda i, r: [with_interval(
             r["cold_epoch_s"], r["cold_epoch_ci_low"], r["cold_epoch_ci_high"])])),
         (None, _Columns(
-            ["1st epoch s", "total s", "img/s", "data stall", "AU", "peak RSS", "CPU %"],
+            ["1st epoch s", "total s", "img/s", "cores", "img/s/core", "data stall", "AU",
+             "peak RSS", "CPU %"],
             lambda i, r: [_num(r["first_epoch_s"]), _num(r["total_time_s"]),
-                          _count(r["images_per_s"]), _pct(r["stall_share"]), _pct(r["au"]),
-                          _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"])],
+                          _count(r["images_per_s"]), _count(r["cpu_budget"]),
+                          _count(r["images_per_s"] / r["cpu_budget"]), _pct(r["stall_share"]),
+                          _pct(r["au"]), _bytes(r["peak_rss_bytes"]), _count(r["cpu_pct_mean"])],
         )),
         ("gpu", _Columns(["GPU %", "GPU mem"], lambda i, r: [
             _count(r["gpu_util_pct_mean"]), _bytes(r["gpu_mem_bytes_max"])])),
@@ -247,7 +253,17 @@ def _dataset_notes(shown: dict[str, bool]) -> list[str]:
         "range). CV: the repeats' standard deviation over their mean. The first epoch (cold "
         "start) is apart.",
         "★ marks the fastest median; 'x fastest' is each row's epoch time over it.",
+        "cores: the run's CPU budget for loading (its DataLoader workers or a thread-based "
+        "loader's threads; 1 for the main process alone; at most the cores the run could use); "
+        "img/s/core is img/s over it.",
     ]
+    if shown["peer"]:
+        notes.append(
+            "Rows marked (peer) are other projects' loaders, run as their own documentation "
+            "recommends over the same source pixels, batch size and CPU budget (docs/peers.md); "
+            "'own order': the peer draws its library's epoch order (its own shuffle, seeded per "
+            "epoch), the others loadbench's exact one."
+        )
     if not shown["gpu"]:
         notes.append("No GPU was used: GPU columns are left out.")
     if shown["adaptive"]:

@@ -1,6 +1,7 @@
 """From a store to batches, by access mode: what the training loop iterates.
 
 - `sample` and `batch` access go through torch's DataLoader (`loaders.py`);
+- `threads` access reads and decodes in threads of the training process (`threaded.py`);
 - `device` keeps the whole split resident on the device (`resident.py`);
 - a reader that brings its own pipeline (a peer loader) is iterated as it is.
 
@@ -22,15 +23,18 @@ from loadbench.training.sharding import Shard
 if TYPE_CHECKING:  # annotations only: a store is passed in, never opened here
     from loadbench.store import Store
 
-ACCESS_MODES = ("sample", "batch", "device")
+ACCESS_MODES = ("sample", "batch", "threads", "device")
 LOADER_OPTIONS = {
     "batch_size": Option(64, "images per batch", kind=int, above=0),
     "access": Option(
         "sample",
-        "per item (Dataset), per batch (read_batch), or resident on the device",
+        "per item (Dataset), per batch (read_batch), per batch in threads of this process "
+        "(as many as workers, at least one), or resident on the device",
         choices=ACCESS_MODES,
     ),
-    "workers": Option(0, "DataLoader worker processes", kind=int, minimum=0),
+    "workers": Option(
+        0, "DataLoader worker processes (threads with threads access)", kind=int, minimum=0
+    ),  # fmt: skip
     "pin_memory": Option(None, "pinned host memory", kind=bool, shown="on with CUDA"),
 }
 

@@ -1,4 +1,4 @@
-"""`sample` and `batch` access through torch's DataLoader.
+"""`sample` and `batch` access through torch's DataLoader (and `threads` access, `threaded.py`).
 
 - `sample`: the classic map-style Dataset + DataLoader (`num_workers`, `pin_memory`), one item
   per `__getitem__`, the batch converted to float once.
@@ -170,10 +170,10 @@ class _RingDataset(_SampleDataset):
             if stored is not None:
                 counters.lap(stages.READ)
                 np.stack(stored, out=out[: len(keys)].numpy())
-        elif self.augmenter is None:
-            images, labels = self.reader.read_batch([k[1] for k in keys])
+        elif self.augmenter is None:  # decoded or gathered straight into the slot
+            indices = self.reader.check_indices([k[1] for k in keys])
+            labels = self.reader.read_batch_into(indices, out[: len(keys)].numpy())
             counters.lap(stages.READ)
-            out[: len(keys)].numpy()[...] = images
         else:
             images, labels = self.reader.read_batch_tensor([k[1] for k in keys])
             counters.lap(stages.COLLATE)  # `read_batch_tensor` laps its read
@@ -252,12 +252,19 @@ def dataloader_batches(reader: SplitReader, order: EpochOrder, *, access: str,
                        batch_size: int, workers: int, pin_memory: bool,
                        augmenter: Augmenter | None, shard: Shard | None = None):  # fmt: skip
     """`sample` or `batch` access to a reader through a DataLoader (or the ring of
-    `RingBatches` with workers); with a `shard`, this rank's part of each epoch. Its `stages`
-    are its stage counters (None when counting is off)."""
+    `RingBatches` with workers), or `threads` access (`threaded.py`, max(1, workers) threads);
+    with a `shard`, this rank's part of each epoch. Its `stages` are its stage counters (None
+    when counting is off)."""
     sampler = EpochSampler(order, shard)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
     image_bytes = math.prod(reader.image_shape) * np.dtype(DTYPES[reader.dtype]).itemsize
     counters = stages.new_counters(image_bytes)  # made before any worker starts
+    if access == "threads":  # in threads of this process: as many as the workers asked for
+        from loadbench.training.threaded import ThreadedBatches
+
+        return ThreadedBatches(reader, batches, batch_size=batch_size, threads=max(1, workers),
+                               pin_memory=pin_memory, augmenter=augmenter,
+                               counters=counters)  # fmt: skip
     if workers:  # per item (sample) or per batch, through a ring of shared buffers
         return RingBatches(reader, batches, batch_size=batch_size, workers=workers,
                            pin_memory=pin_memory, augmenter=augmenter,
