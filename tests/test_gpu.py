@@ -323,13 +323,13 @@ def test_cuda_events_attribute_stall_and_compute_and_see_their_overlap(gpu_store
     less than stall + compute, and under sync timing it takes their sum."""
     store, step_s, batches = gpu_stores["npy", "uint8"], 0.02, 10
     reader_class = type(store.new_reader("train"))
-    read_batch = reader_class.read_batch
+    read_into = reader_class.read_batch_into  # what `batch` access reads a batch with
 
-    def slow_read(self, indices):
+    def slow_read(self, indices, out):
         time.sleep(step_s)
-        return read_batch(self, indices)
+        return read_into(self, indices, out)
 
-    monkeypatch.setattr(reader_class, "read_batch", slow_read)
+    monkeypatch.setattr(reader_class, "read_batch_into", slow_read)
     cycles = gpu_sleep_cycles(step_s)
     cfg = TrainConfig(data=store.path, model="cnn-tiny", access="batch", workers=0,
                       batch_size=160 // batches, epochs=1, device=DEVICE,

@@ -38,13 +38,13 @@ def store(tmp_path_factory):
 def slow_epoch(store, monkeypatch, workers: int, timing: str = "overlap") -> dict:
     """One epoch of BATCHES batches, each read in LOAD_S more and computed in STEP_S more."""
     reader_class = type(store.new_reader("train"))
-    read_batch = reader_class.read_batch
+    read_into = reader_class.read_batch_into  # what `batch` access reads a batch with
 
-    def slow_read(self, indices):
+    def slow_read(self, indices, out):
         time.sleep(LOAD_S)
-        return read_batch(self, indices)
+        return read_into(self, indices, out)
 
-    monkeypatch.setattr(reader_class, "read_batch", slow_read)  # forked workers inherit it
+    monkeypatch.setattr(reader_class, "read_batch_into", slow_read)  # forked workers inherit it
     config = TrainConfig(data=store.path, model="cnn-tiny", access="batch", workers=workers,
                          batch_size=256 // BATCHES, epochs=1, device="cpu",
                          timing=timing)  # fmt: skip

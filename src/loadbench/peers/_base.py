@@ -7,10 +7,15 @@ from typing import Any
 import numpy as np
 
 from loadbench.errors import LoadbenchError
-from loadbench.formats.base import Format
+from loadbench.formats import codecs
+from loadbench.formats.base import Format, Option, SplitLayout, SplitWriter
+from loadbench.formats.files import FilesWriter
 from loadbench.util import cpu_budget  # the threads a thread-based peer gets
 
-__all__ = ["PeerFormat", "cpu_budget", "epoch_seed", "loader_args", "refuse_balance", "subset"]
+__all__ = [
+    "FilesPeer", "PeerFormat", "cpu_budget", "epoch_seed", "loader_args", "refuse_balance",
+    "subset",
+]  # fmt: skip
 
 
 class PeerFormat(Format):
@@ -19,6 +24,31 @@ class PeerFormat(Format):
     peer = True
     accesses = ("sample",)  # peers run their own pipeline, one sample at a time
     dtypes = ("uint8",)
+
+
+class FilesPeer(PeerFormat):
+    """A peer over class folders of JPEG or PNG files (the `files-*` layout, byte for byte):
+    `encoding` with its codec's options, written by `writer_class` with that codec."""
+
+    writer_class = FilesWriter  # built in `writer()`, with the encoding as its codec
+    tracks_every_file = False  # one file per image: the manifest lists labels.npy only
+
+    @staticmethod
+    def files_options(default: str) -> dict[str, Option]:
+        return {
+            "encoding": Option(default, "image file type", choices=("jpeg", "png")),
+            **codecs.JPEG_OPTIONS,
+            **codecs.PNG_OPTIONS,
+        }
+
+    def writer(self, layout: SplitLayout) -> SplitWriter:
+        return self.writer_class(layout, layout.options["encoding"])
+
+    def check(self, dtype, options):
+        codecs.check_quality(self.name, options)
+
+    def is_lossy(self, options):
+        return options["encoding"] == "jpeg"
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -28,14 +28,13 @@ import os
 
 import numpy as np
 
-from loadbench.formats import codecs
-from loadbench.formats.base import Option, SplitLayout, SplitWriter, register_format
-from loadbench.formats.files import FilesReader, FilesWriter
+from loadbench.formats.base import Option, SplitLayout, register_format
+from loadbench.formats.files import FilesReader
 from loadbench.formats.npy import NpyReader, NpyWriter
 from loadbench.formats.records import SHARD_OPTION, RecordFormat, encoding_options
 from loadbench.formats.tfrecord import TfRecordReader, TfRecordWriter
 from loadbench.formats.webdataset import EXTENSION, WebDatasetReader, WebDatasetWriter
-from loadbench.peers._base import PeerFormat, cpu_budget, refuse_balance, subset
+from loadbench.peers._base import FilesPeer, PeerFormat, cpu_budget, refuse_balance, subset
 
 INITIAL_FILL = {
     "initial_fill": Option(1024, "samples in DALI's reader shuffle buffer (its default)",
@@ -83,29 +82,13 @@ class DaliFilesReader(FilesReader):
 
 
 @register_format
-class DaliFilesPeer(_DaliPeer):
+class DaliFilesPeer(_DaliPeer, FilesPeer):
     name = "dali-files"
     own_order = True
     summary = "peer: NVIDIA DALI readers.file + decoders.image over class folders of JPEG/PNG"
     # JPEG by default: what DALI's image pipelines read (nvJPEG when there is a GPU).
-    options = {
-        "encoding": Option("jpeg", "image file type", choices=("jpeg", "png")),
-        **codecs.JPEG_OPTIONS,
-        **codecs.PNG_OPTIONS,
-        **INITIAL_FILL,
-    }
+    options = {**FilesPeer.files_options("jpeg"), **INITIAL_FILL}
     reader_class = DaliFilesReader
-    writer_class = FilesWriter  # built in `writer()`, with the encoding as its codec
-    tracks_every_file = False  # one file per image: the manifest lists labels.npy only
-
-    def writer(self, layout: SplitLayout) -> SplitWriter:
-        return FilesWriter(layout, layout.options["encoding"])
-
-    def check(self, dtype, options):
-        codecs.check_quality(self.name, options)
-
-    def is_lossy(self, options):
-        return options["encoding"] == "jpeg"
 
 
 # -- dali-npy -----------------------------------------------------------------------------------

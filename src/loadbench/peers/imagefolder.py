@@ -11,9 +11,9 @@ import os
 import numpy as np
 
 from loadbench.formats import codecs
-from loadbench.formats.base import Option, SplitLayout, SplitWriter, register_format
-from loadbench.formats.files import FilesReader, FilesWriter
-from loadbench.peers._base import PeerFormat
+from loadbench.formats.base import register_format
+from loadbench.formats.files import FilesReader
+from loadbench.peers._base import FilesPeer
 
 
 def _gray_loader(path: str):
@@ -105,26 +105,11 @@ class ImageFolderReader(FilesReader):
 
 
 @register_format
-class ImageFolderPeer(PeerFormat):
+class ImageFolderPeer(FilesPeer):
     name = "torchvision-imagefolder"
     summary = "peer: torchvision ImageFolder + DataLoader over class folders of PNG/JPEG files"
     requires = ("torchvision",)
     install = "torchvision"
     # PNG by default: lossless, so the peer trains on the very pixels the other stores hold.
-    options = {
-        "encoding": Option("png", "image file type", choices=("png", "jpeg")),
-        **codecs.JPEG_OPTIONS,
-        **codecs.PNG_OPTIONS,
-    }
+    options = FilesPeer.files_options("png")
     reader_class = ImageFolderReader
-    writer_class = FilesWriter  # built in `writer()`, with the encoding as its codec
-    tracks_every_file = False  # one file per image: the manifest lists labels.npy only
-
-    def writer(self, layout: SplitLayout) -> SplitWriter:
-        return FilesWriter(layout, layout.options["encoding"])
-
-    def check(self, dtype, options):
-        codecs.check_quality(self.name, options)
-
-    def is_lossy(self, options):
-        return options["encoding"] == "jpeg"

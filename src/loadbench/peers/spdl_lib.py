@@ -31,10 +31,10 @@ import struct
 import numpy as np
 
 from loadbench.formats import codecs
-from loadbench.formats.base import Option, SplitLayout, SplitWriter, register_format
+from loadbench.formats.base import register_format
 from loadbench.formats.files import FilesReader, FilesWriter
 from loadbench.formats.npy import NpyReader, NpyWriter, check_arrays
-from loadbench.peers._base import PeerFormat, cpu_budget
+from loadbench.peers._base import FilesPeer, PeerFormat, cpu_budget
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What SPDL's FFmpeg binding links (any FFmpeg from 4 to 9); its wheel does not ship them.
@@ -266,20 +266,15 @@ class SpdlFilesReader(FilesReader):
 
 
 @register_format
-class SpdlFilesPeer(PeerFormat):
+class SpdlFilesPeer(FilesPeer):
     name = "spdl-files"
     summary = "peer: SPDL pipeline (FFmpeg decode, convert_frames) over class folders of JPEG/PNG"
     requires = ("spdl",)
     install = "spdl"
     # JPEG by default: what SPDL's image examples load (ImageNet's JPEG files).
-    options = {
-        "encoding": Option("jpeg", "image file type", choices=("jpeg", "png")),
-        **codecs.JPEG_OPTIONS,
-        **codecs.PNG_OPTIONS,
-    }
+    options = FilesPeer.files_options("jpeg")
     reader_class = SpdlFilesReader
     writer_class = SpdlFilesWriter  # built in `writer()`, with the encoding as its codec
-    tracks_every_file = False  # one file per image: the manifest lists labels.npy only
 
     def missing(self) -> str | None:
         note = super().missing()
@@ -290,15 +285,6 @@ class SpdlFilesPeer(PeerFormat):
                 "FFmpeg (Debian: apt-get install ffmpeg)"
             )
         return note
-
-    def writer(self, layout: SplitLayout) -> SplitWriter:
-        return SpdlFilesWriter(layout, layout.options["encoding"])
-
-    def check(self, dtype, options):
-        codecs.check_quality(self.name, options)
-
-    def is_lossy(self, options):
-        return options["encoding"] == "jpeg"
 
 
 # -- spdl-npy -----------------------------------------------------------------------------------
