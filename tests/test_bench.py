@@ -186,7 +186,8 @@ def test_a_results_directory_of_another_schema_is_refused(tmp_path):
 
 def test_the_default_experiment_is_valid_and_covers_every_format():
     exp = load_experiment(None)
-    assert exp.formats == format_names() and exp.repeats >= 2
+    # every format but JPEG 2000, left out for time (default.yaml says why)
+    assert exp.formats == [n for n in format_names() if n != "files-jp2"] and exp.repeats >= 2
     labels = {d.label for d in exp.datasets}
     assert {"digits", "cifar-like", "tinyimagenet-like", "masks-like"} <= labels
 

@@ -21,6 +21,7 @@ LAYERS = [
               "store", "checksums", "writing", "conversion", "upload", "verify", "stats"]),
     ("training", ["training"]),
     ("peers", ["peers"]),
+    ("frameworks", ["frameworks"]),
     ("bench", ["bench"]),
     ("report", ["report"]),
     ("cli", ["cli", "__main__", ""]),  # "": the package itself (the Python API)

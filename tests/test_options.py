@@ -21,8 +21,8 @@ from loadbench.training.models import list_models
 
 # Values for options whose default says nothing about what they take.
 EXAMPLES = {"remap": "a=0", "drop": "0", "augment": "flip", "milestones": "2,3", "device": "cpu",
-            "size": "16", "eval_split": "test", "weights": "none",
-            "resplit": "70,15,15"}  # fmt: skip
+            "size": "16", "eval_split": "test", "weights": "none", "resplit": "70,15,15",
+            "graph": "compiled"}  # fmt: skip
 SOURCE_OF = {"cifar10": "cifar10:/x", "cifar100": "cifar100:/x", "mnist": "mnist:/x",
              "fashion-mnist": "fashion-mnist:/x", "tiny-imagenet": "tiny-imagenet:/x",
              "folder": "folder:/x", "digits": "digits",

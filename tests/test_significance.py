@@ -44,7 +44,8 @@ def _results(configs: dict[tuple[str, str], np.ndarray], accuracy=None, classes=
                 "epoch_s": float(time_s), "first_epoch_s": float(time_s) * 1.2,
                 "images_per_s": 1000 / float(time_s), "final_accuracy": acc,
                 "classes": classes, "lossy": fmt in lossy, "storage": "local", "world_size": 1,
-                "bytes_per_image": 100.0, "store_bytes": 1e5,
+                "bytes_per_image": 100.0, "store_bytes": 1e5, "framework": "torch",
+                "graph": "eager",
             })  # fmt: skip
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return Results("synthetic", runs, pd.DataFrame(), [], {}, {}, 1)

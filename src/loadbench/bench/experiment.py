@@ -10,6 +10,8 @@ repeats, and the training every run does. Validated with pydantic; expanded into
     access: [sample, batch]
     workers: [0, 2]
     shuffle: [exact]                             # and/or block (chunk-aware, opt-in)
+    framework: [torch]                           # and/or keras (TensorFlow: `loadbench[tf]`)
+    graph: [eager]                               # and/or compiled (torch.compile, tf.function), xla
     epochs: 3
     repeats: 10                                  # or {min: 3, max: 10, ci_pct: 2}: adaptive
     cache: warm                                  # warm | cold | both
@@ -51,6 +53,10 @@ DTYPE_NAMES = tuple(DTYPES)
 # train: real training; loader-only: the loader alone, no model (the data ceiling);
 # compute-only: the model trained on one device-resident batch (the compute ceiling).
 MODES = ("train", "loader-only", "compute-only")
+# Which framework trains the model, and how: eager (op by op), compiled (torch.compile, or
+# Keras' default tf.function graph) or xla (Keras' jit_compile; torch has no such mode here).
+FRAMEWORKS = RUN_OPTIONS["framework"].choices
+GRAPHS = RUN_OPTIONS["graph"].choices
 SHUFFLES = ORDER_OPTIONS["shuffle"].choices
 
 
@@ -182,6 +188,15 @@ class _Matrix(BaseModel):
         default_factory=lambda: [ORDER_OPTIONS["shuffle"].default],
         description="epoch orders: exact (default) and/or block (chunk-aware, opt-in)",
     )
+    framework: list[Literal[FRAMEWORKS]] = Field(
+        default_factory=lambda: ["torch"],
+        description="frameworks that train the model: torch and/or keras (TensorFlow backend)",
+    )
+    graph: list[Literal[GRAPHS]] = Field(
+        default_factory=lambda: ["eager"],
+        description="eager and/or compiled (torch.compile; Keras' tf.function) and/or xla "
+        "(Keras' jit_compile); compile time is reported apart from epoch time",
+    )
     repeats: int | AdaptiveRepeats = Field(
         10,
         description="runs per configuration, or {min, max, ci_pct} to repeat until the "
@@ -290,6 +305,24 @@ class _Matrix(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _graph_or_compile(self) -> _Matrix:
+        """`train: {compile: true}` (torch.compile, from before `graph`) is `graph: [compiled]`;
+        the two together would contradict each other where they differ."""
+        if self.train.get("compile"):
+            if "graph" in self.model_fields_set and self.graph != ["compiled"]:
+                raise ValueError(
+                    "train: {compile: true} and graph: say one thing: drop compile and list "
+                    "the graph modes under graph:"
+                )
+            self.graph = ["compiled"]
+        return self
+
+    def implied_graph(self) -> str:
+        """The graph mode a torch run had before `graph` was a dimension (kept out of run
+        keys, so results of older experiments keep theirs)."""
+        return "compiled" if self.train.get("compile") else "eager"
+
+    @model_validator(mode="after")
     def _one_node_decides(self) -> _Matrix:
         if self.adaptive and self.distributed is not None and self.distributed.nnodes > 1:
             raise ValueError(
@@ -339,7 +372,7 @@ RUN_OPTIONS_SET = {
 }
 # Keys a run sets itself; they may not appear under `train:`.
 MATRIX_KEYS = {"data", "out", "kfold", "resume", "overfit_batch", "access", "workers", "shuffle",
-               *RUN_OPTIONS_SET}  # fmt: skip
+               "framework", "graph", *RUN_OPTIONS_SET}  # fmt: skip
 Experiment = create_model(
     "Experiment", __base__=_Matrix, **fields(RUN_OPTIONS_SET),
     __doc__="The whole matrix. Defaults follow the study: 10 repeats, warm cache, real training.",

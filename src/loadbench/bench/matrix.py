@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loadbench.bench.experiment import Dataset, Experiment, Storage
 from loadbench.bench.records import RESULTS_SCHEMA, RunRecord
+from loadbench.errors import LoadbenchError
 from loadbench.formats import DTYPES, get_format
 from loadbench.training.config import ORDER_DEFAULTS
 from loadbench.util import now_iso
@@ -34,6 +35,8 @@ class Cell(BaseModel):
     cache: str
     shuffle: str = "exact"
     storage: Storage = Field(default_factory=Storage)
+    framework: str = "torch"
+    graph: str = "eager"
     skip: str | None = None  # why this combination is not run
     mode: str | None = None  # a ceiling run's mode; None: the experiment's
 
@@ -43,9 +46,11 @@ class Cell(BaseModel):
             return f"{self.dataset.label} compute-only"
         order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
         where = "" if self.storage.local else f" @{self.storage.label}"
+        plain = self.mode == "loader-only" or (self.framework, self.graph) == ("torch", "eager")
+        how = "" if plain else f" {self.framework}-{self.graph}"
         return (
             f"{self.dataset.label} {self.format}/{self.dtype} {self.access} w{self.workers}"
-            f"{order} {self.cache}{where}" + (f" {self.mode}" if self.mode else "")
+            f"{order} {self.cache}{where}{how}" + (f" {self.mode}" if self.mode else "")
         )
 
 
@@ -72,7 +77,7 @@ class RunSpec(BaseModel):
         if self.mode == "compute-only":  # the same for every format, access and worker count
             return {"schema": RESULTS_SCHEMA, "dataset": c.dataset.model_dump(),
                     "batch_size": e.batch_size, "epochs": e.epochs, "mode": self.mode,
-                    "device": e.device, "train": e.train}  # fmt: skip
+                    "device": e.device, "train": e.train, **self.how_trained()}  # fmt: skip
         # Keys added after the first schema appear only when not at their default, so that
         # the runs of older results directories keep their keys.
         later = {"shuffle": c.shuffle, "shuffle_window": e.shuffle_window,
@@ -81,6 +86,7 @@ class RunSpec(BaseModel):
         return {
             **{k: v for k, v in later.items() if v != ORDER_DEFAULTS[k]},
             **remote,
+            **self.how_trained(),
             **({"distributed": e.distributed.model_dump()} if e.distributed else {}),
             "schema": RESULTS_SCHEMA,
             "dataset": c.dataset.model_dump(),
@@ -98,6 +104,17 @@ class RunSpec(BaseModel):
             "train": e.train,
         }
 
+    def how_trained(self) -> dict[str, str]:
+        """The framework and graph mode in the run's key where they are not what a run had
+        before they were dimensions (torch, and compiled exactly when `train.compile`)."""
+        c = self.cell
+        if self.mode == "loader-only":
+            return {}
+        out = {"framework": c.framework} if c.framework != "torch" else {}
+        if c.graph != self.experiment.implied_graph() or c.framework != "torch":
+            out["graph"] = c.graph
+        return out
+
     def record(self) -> RunRecord:
         """A new record of this run, with its configuration (status `running`)."""
         import os
@@ -108,6 +125,8 @@ class RunSpec(BaseModel):
             source=c.dataset.source, format=c.format, dtype=c.dtype, access=c.access,
             workers=c.workers, cache=c.cache, shuffle=c.shuffle, storage=c.storage.label,
             mode=self.mode, batch_size=e.batch_size, epochs_planned=e.epochs, repeat=self.repeat,
+            framework=None if self.mode == "loader-only" else c.framework,
+            graph=None if self.mode == "loader-only" else c.graph,
             seed=self.seed, settings=self.settings(), store_path=self.store_path,
             store=self.store, started=now_iso(), pid=os.getpid(),
         )  # fmt: skip
@@ -125,13 +144,17 @@ def expand(experiment: Experiment) -> list[Cell]:
 
     e = experiment
     cells = []
-    for dataset, fmt, dtype, access, workers, shuffle, cache, storage in itertools.product(
-        e.datasets, e.formats, e.dtypes, e.access, e.workers, e.shuffle, e.cache_states(),
-        e.storage,
+    # A loader-only experiment has no model; compute-only runs train torch models.
+    frameworks = e.framework if e.mode == "train" else ["torch"]
+    graphs = e.graph if e.mode != "loader-only" else [e.implied_graph()]
+    for dataset, fmt, dtype, access, workers, shuffle, cache, storage, framework, graph in (
+        itertools.product(e.datasets, e.formats, e.dtypes, e.access, e.workers, e.shuffle,
+                          e.cache_states(), e.storage, frameworks, graphs)
     ):  # fmt: skip
         cell = Cell(dataset=dataset, format=fmt, dtype=dtype, access=access, workers=workers,
-                    cache=cache, shuffle=shuffle, storage=storage)  # fmt: skip
-        cell.skip = _why_not(cell, e.format_options.get(fmt, {}))
+                    cache=cache, shuffle=shuffle, storage=storage, framework=framework,
+                    graph=graph)  # fmt: skip
+        cell.skip = _why_not(cell, e.format_options.get(fmt, {})) or _why_not_trained(cell, e)
         cells.append(cell)
     if e.mode == "compute-only":  # the model alone: one run per dataset, whatever the formats
         cells = [c for c in cells if c.skip] + compute_only_cells(cells)
@@ -139,6 +162,8 @@ def expand(experiment: Experiment) -> list[Cell]:
         cells += ceiling_cells(cells)
     if e.distributed is not None:
         for cell in cells:
+            if cell.skip is None and cell.framework == "keras":
+                cell.skip = "keras runs are not distributed: torchrun runs torch's DDP"
             if cell.skip is None and get_format(cell.format).peer:
                 cell.skip = (
                     f"{cell.format} runs its library's own loader, which is not sharded across "
@@ -152,19 +177,24 @@ def ceiling_cells(cells: list[Cell]) -> list[Cell]:
     fast as its format and access mode give it, no model) and one compute-only run per
     dataset (the model on one device-resident batch: data for free), which depends only on
     the dataset's shape, the model and the batch size."""
-    twins = [c.model_copy(update={"mode": "loader-only"}) for c in cells if c.skip is None]
-    return twins + compute_only_cells(cells)
+    twins = {}  # one per loader: the framework and graph mode of a training run do not apply
+    for cell in cells:
+        if cell.skip is None:
+            twin = cell.model_copy(update={"mode": "loader-only", "framework": "torch"})
+            twins.setdefault(twin.label, twin)
+    return list(twins.values()) + compute_only_cells(cells)
 
 
 def compute_only_cells(cells: list[Cell]) -> list[Cell]:
-    """One compute-only cell per dataset of `cells`, on its first runnable store that loadbench
-    reads itself (a peer's only when there is none)."""
-    compute: dict[str, Cell] = {}
-    runnable = [c for c in cells if c.skip is None]
+    """One compute-only cell per dataset and torch graph mode of `cells`, on its first runnable
+    store that loadbench reads itself (a peer's only when there is none). Keras runs have no
+    compute-only twin."""
+    compute: dict[tuple[str, str], Cell] = {}
+    runnable = [c for c in cells if c.skip is None and c.framework == "torch"]
     for cell in sorted(runnable, key=lambda c: get_format(c.format).peer):
         access = "batch" if "batch" in get_format(cell.format).accesses else cell.access
         update = {"mode": "compute-only", "access": access, "workers": 0, "cache": "warm"}
-        compute.setdefault(cell.dataset.label, cell.model_copy(update=update))
+        compute.setdefault((cell.dataset.label, cell.graph), cell.model_copy(update=update))
     return list(compute.values())
 
 
@@ -190,6 +220,39 @@ def _why_not(cell: Cell, options: dict[str, Any]) -> str | None:
         return "device access uses no DataLoader workers (run with workers 0)"
     if cell.dtype not in DTYPES:
         return f"unknown dtype {cell.dtype}"
+    return None
+
+
+def _why_not_trained(cell: Cell, experiment: Experiment) -> str | None:
+    """Why a framework and graph mode cannot train from this cell's loader (None: they can)."""
+    fmt = get_format(cell.format)
+    if cell.framework == "torch":
+        if cell.graph == "xla":
+            return "xla is Keras' jit_compile; torch runs eager or compiled (torch.compile)"
+        return None
+    if missing := keras_missing():
+        return missing
+    from loadbench.frameworks.keras_data import check_keras_format
+    from loadbench.frameworks.keras_run import check_keras_config
+    from loadbench.training.config import TrainConfig
+
+    settings = {**experiment.train, "data": "-", "framework": "keras", "graph": cell.graph,
+                "access": cell.access, "shuffle": cell.shuffle, "compile": False}  # fmt: skip
+    config = TrainConfig.model_validate(settings)
+    try:  # what a Keras run would refuse, said before any store is converted
+        check_keras_config(config)
+        check_keras_format(fmt, config)
+    except LoadbenchError as e:
+        return f"keras: {e}"
+    return None
+
+
+def keras_missing() -> str | None:
+    """Why Keras cannot run here (None: TensorFlow with Keras 3 is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
+        return "keras needs TensorFlow: pip install 'loadbench[tf]'"
     return None
 
 

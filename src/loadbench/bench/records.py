@@ -71,6 +71,10 @@ class RunRecord(BaseModel):
     cpu_budget: int | None = None
     peer: bool | None = None
     epoch_order: str | None = None  # "exact" (loadbench's), or "own": a peer library's shuffle
+    # What trained the model: torch or keras, eager or compiled (torch.compile, tf.function) or
+    # xla; None for loader-only runs (no model) and records from before they were dimensions.
+    framework: str | None = None
+    graph: str | None = None
     setup: dict[str, Any] | None = None
     plan: str | None = None
     order_quality: dict[str, Any] | None = None

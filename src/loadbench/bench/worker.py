@@ -63,7 +63,7 @@ def execute(spec: RunSpec) -> RunRecord:
     if device.type == "cuda":
         record.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated(device)
     record.sampler = _sampler_cost(record.epochs, e.sample_period_s)
-    record.device = str(device)
+    record.device = record.device or str(device)  # a keras run says where TensorFlow ran
     record.status = "ok"
     record.finished = now_iso()
     return record
@@ -137,17 +137,30 @@ def _train_config(spec: RunSpec):
     """The training configuration of a train or compute-only run."""
     from loadbench.training.config import TrainConfig
 
-    e = spec.experiment
+    e, cell = spec.experiment, spec.cell
+    # The cell's graph mode decides: torch.compile is `graph: compiled` (and `train.compile`,
+    # from before, is that too).
+    train = {**e.train, "compile": cell.framework == "torch" and cell.graph == "compiled"}
     return TrainConfig(
-        data=spec.store_path, access=spec.cell.access, workers=spec.cell.workers,
+        data=spec.store_path, access=cell.access, workers=cell.workers,
         batch_size=e.batch_size, pin_memory=e.pin_memory, epochs=e.epochs, seed=spec.seed,
-        device=e.device, shuffle=spec.cell.shuffle, shuffle_window=e.shuffle_window,
-        chunk_cache_mb=e.chunk_cache_mb, **e.train,
+        device=e.device, shuffle=cell.shuffle, shuffle_window=e.shuffle_window,
+        chunk_cache_mb=e.chunk_cache_mb, framework=cell.framework, graph=cell.graph, **train,
     )  # fmt: skip
 
 
-def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
+def _training_run(spec: RunSpec, config, store, **hooks):
+    """The run that trains: torch's `Run`, or Keras' `KerasRun` (the same methods)."""
+    if spec.cell.framework == "keras":
+        from loadbench.frameworks.keras_run import KerasRun
+
+        return KerasRun(config, store, graph=spec.cell.graph, **hooks)
     from loadbench.training.loop import Run
+
+    return Run(config, store, out_dir=None, **hooks)
+
+
+def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) -> None:
     from loadbench.training.metrics import classification_report
 
     store = open_run_store(spec, device)
@@ -166,7 +179,7 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
         record.epochs.append(entry)
         check_store(store, spec)
 
-    run = Run(config, store, out_dir=None, callbacks=(checked,), epoch_extras=telemetry)
+    run = _training_run(spec, config, store, callbacks=(checked,), epoch_extras=telemetry)
     record.order_quality = _order_quality(store, run.train_order)
     run.maybe_compile()
     loader_stages = StageWindow(run.train_batches)  # counted from the first epoch on
@@ -182,6 +195,8 @@ def _train(spec: RunSpec, record: RunRecord, sampler, device, started: float) ->
         "f1_macro": report["f1_macro"], "compile_time_s": run.compile_time_s,
     }  # fmt: skip
     record.final["classes"] = len(run.classes)  # the report's chance level: 1 / classes
+    if spec.cell.framework == "keras":
+        record.device = run.device
     record.time_to_first_batch_s = _time_to_first_batch(record)
 
 

@@ -18,9 +18,10 @@ DataArg = Annotated[
     typer.Argument(help="A store (from loadbench convert) or a source spec, e.g. digits."),
 ]
 Config = Annotated[str | None, typer.Option(help="A YAML file of these options (flags win).")]
-# lr-find sweeps the lr itself and trains no whole run: no schedule, epochs or run directory.
+# lr-find sweeps the lr itself and trains no whole run: no schedule, epochs or run directory;
+# it sweeps with torch, eagerly.
 NOT_FOR_LR_FIND = ("lr", *SCHEDULE_OPTIONS, "epochs", "early_stopping", "kfold", "out",
-                   "overfit_batch", "smooth", "compile")  # fmt: skip
+                   "overfit_batch", "smooth", "compile", "framework", "graph")  # fmt: skip
 
 
 @app.command()
@@ -38,6 +39,7 @@ def train(
       [bold]loadbench train stores/cifar-npy --model cnn-tiny --optimizer sgd --lr 0.001 --momentum 0.9 --epochs 150[/bold]
       [bold]loadbench train stores/cifar-hdf5 --model cnn-blocks --batch-norm --dropout 0.1,0.2,0.3,0.4 --schedule onecycle --augment flip,crop[/bold]
       [bold]loadbench train --resume runs/20261122-101500-cnn-blocks --epochs 30[/bold]
+      [bold]loadbench train stores/digits-tfrecord --framework keras --graph xla --epochs 5[/bold]  (Keras 3 on TensorFlow: writes model.keras)
       [bold]torchrun --nproc-per-node 2 -m loadbench train stores/npy-uint8 --epochs 3[/bold]  (DDP: gloo on CPU, nccl on CUDA)
     """
     from loadbench import progress
@@ -48,6 +50,9 @@ def train(
 
     options["data"] = data
     cfg = resume_config(resume, **options) if resume else load_config(config, **options)
+    if cfg.framework == "keras":
+        _train_keras(cfg, resume)
+        return
     with progress.enabled():
         if cfg.overfit_batch:
             _overfit(cfg)
@@ -64,6 +69,22 @@ def train(
         )
     else:
         stdout.print(summary_line(result.metrics))
+    stdout.print(f"run directory: {result.out_dir}")
+
+
+def _train_keras(cfg, resume: str | None) -> None:
+    from loadbench import progress
+    from loadbench.frameworks.keras_train import train_keras
+    from loadbench.training.train import summary_line
+
+    if resume:
+        raise LoadbenchError(
+            f"--resume {resume}: a Keras run keeps no checkpoint to continue from (only torch "
+            "runs do); train it again with another --out"
+        )
+    with progress.enabled():
+        result = train_keras(cfg)
+    stdout.print(summary_line(result.metrics))
     stdout.print(f"run directory: {result.out_dir}")
 
 
@@ -109,6 +130,8 @@ def lr_find_command(
     if iterations < 5 or not 0 < start_lr < end_lr:
         raise LoadbenchError("lr-find needs 0 < --start-lr < --end-lr and --iterations >= 5")
     cfg = load_config(config, data=data, **options)
+    if cfg.framework != "torch":
+        raise LoadbenchError(f"lr-find sweeps with torch; {config} asks for {cfg.framework}")
     writable_folder(out, "writing the lr sweep to")  # before the sweep, not after it
     with progress.enabled(), Run(cfg) as run:
         result = lr_find(run, start_lr, end_lr, iterations)

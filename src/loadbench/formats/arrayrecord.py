@@ -22,9 +22,9 @@ A record is 16 bytes of header, little-endian, then the image:
 so a Grain user reads it with `grain.sources.ArrayRecordDataSource(shards)` and a `map` that
 splits it (the `grain` peer does exactly that). Riegeli checks a hash of every chunk as well.
 
-Reading: one `ArrayRecordReader` per shard, opened lazily in the process that reads, with
-`readahead_buffer_size:0`, the option array_record documents for random access; a batch is one
-`read(positions)` per shard, which array_record spreads over its thread pool.
+Reading: one `ArrayRecordReader` per shard, opened lazily in the process that reads, with the
+options array_record documents for random access (no readahead, no thread pool); a batch is one
+`read(positions)` per shard.
 
 array_record reads real files through its own file layer (riegeli), not Python file objects, so
 a store on object storage is read through its read-through copy (`--cache-dir`).
@@ -57,9 +57,10 @@ COMPRESSION = {"zstd": "zstd:3", "none": "uncompressed"}
 # What the array_record package (and Grain's source over it) raises for a file it cannot open
 # or read: its C++ status as a RuntimeError, a ValueError for what it finds wrong itself.
 READ_ERRORS = (RuntimeError, ValueError, OSError)
-# array_record's options for random access: no readahead (`read(positions)` still runs on its
-# thread pool).
-READER_OPTIONS = "readahead_buffer_size:0"
+# array_record's options for random access, as its reader's documentation gives them: no
+# readahead, and no parallel reads on its process-wide thread pool. That pool does not survive a
+# fork: a DataLoader worker forked after the parent read through it crashed (SIGSEGV) in it.
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
 
 def shard_name(split: str, shard: int, shards: int) -> str:
@@ -237,7 +238,7 @@ class ArrayRecordReader(SplitReader):
         return self._damaged(self.shard_names[shard], error)
 
     def read_records(self, shard: int, positions: list[int]) -> list[bytes]:
-        """The records at `positions` of a shard, in one parallel read."""
+        """The records at `positions` of a shard, in one read."""
         try:
             return self._reader(shard).read(positions)
         except READ_ERRORS as e:

@@ -1,5 +1,7 @@
 """Image codecs shared by the formats that store encoded images (files, webdataset, tfrecord),
-and the one way loadbench hands untrusted image bytes to a decoder.
+and the one way loadbench hands untrusted image bytes to a decoder. JPEG and PNG are here;
+JPEG 2000 and WebP (files-jp2, files-webp) declare their options and encoders in
+`pillow_codecs.py` and are decoded here too.
 
 Image bytes are where damaged or hostile input meets C code, so `decode` picks per codec a
 decoder that answers a broken image with an exception, never with a dead process, and checks
@@ -17,7 +19,7 @@ from time import perf_counter_ns
 import numpy as np
 
 from loadbench import stages
-from loadbench.formats import libpng, turbojpeg
+from loadbench.formats import libpng, pillow_codecs, turbojpeg
 from loadbench.formats.base import Option
 
 JPEG_OPTIONS = {
@@ -31,7 +33,7 @@ JPEG_OPTIONS = {
 PNG_OPTIONS = {
     "png_compression": Option(6, "PNG zlib level 0-9", choices=tuple(range(10)), kind=int),
 }
-EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "jp2": "jp2", "webp": "webp"}
 
 JPEG_SOI = b"\xff\xd8"
 # SOFn markers: C0-CF but DHT (C4), JPG (C8) and DAC (CC). They carry the frame's size.
@@ -46,10 +48,12 @@ class BadImage(ValueError):
 
 
 def encode(image: np.ndarray, codec: str, options: dict) -> bytes:
-    """uint8 (H, W, C) -> JPEG or PNG bytes."""
+    """uint8 (H, W, C) -> JPEG, PNG, JP2 or WebP bytes (`EXTENSIONS`' codecs)."""
     from PIL import Image
 
     im = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if codec in pillow_codecs.PIL_FORMATS:
+        return pillow_codecs.encode(im, codec, options)
     buffer = io.BytesIO()
     if codec == "jpeg":
         im.save(
@@ -63,10 +67,18 @@ def encode(image: np.ndarray, codec: str, options: dict) -> bytes:
     return buffer.getvalue()
 
 
+def is_lossy(codec: str, options: dict) -> bool:
+    """Whether `codec` with `options` decodes to other pixels than went in: JPEG always, PNG
+    never, JPEG 2000 and WebP when their lossy option is set."""
+    if codec in pillow_codecs.PIL_FORMATS:
+        return pillow_codecs.is_lossy(codec, options)
+    return codec == "jpeg"
+
+
 def decode(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """JPEG or PNG bytes -> uint8 (H, W, C); `BadImage` for a broken image, or for one whose
-    header says another size than `size` (H, W) or more pixels than `max_pixels()`, before its
-    pixels are decoded.
+    """JPEG, PNG, JP2 or WebP bytes -> uint8 (H, W, C); `BadImage` for a broken image, or for
+    one whose header says another size than `size` (H, W) or more pixels than `max_pixels()`,
+    before its pixels are decoded.
 
     JPEG goes to libjpeg-turbo: TurboJPEG where the system has it (`turbojpeg.py`: 1.7x the op
     below on 32x32 images, the same pixels), else torchvision's decode_jpeg op, 2.4-2.7x
@@ -81,6 +93,9 @@ def decode(data: bytes, channels: int, size: tuple[int, int] | None = None) -> n
     proving a PNG safe for it (CRCs, inflate, filter bytes) leaves it no faster than Pillow at
     32x32 and at 0.6x Pillow's speed at 256x256. One core, from memory:
     benchmarks/decode_guard.py, 2026-12-04.
+
+    JP2 and WebP go to Pillow (OpenJPEG, libwebp), told apart by their magic bytes: 70-80 us
+    a WebP of up to 32x32, 190-550 us a JP2 of 8x8 to 32x32 (one core, Pillow 13).
 
     Inside a loader's batch, the call's time and `data`'s size count as its decode time and
     bytes read (`stages.py`): 0.25 us a call, 0.03 us outside a loader.
@@ -102,7 +117,7 @@ def decode_into(data: bytes | bytearray, out: np.ndarray) -> None:
     h, w, c = out.shape
     if data[:2] == JPEG_SOI:
         image = _decode_jpeg(data, c, (h, w), out)
-    else:
+    else:  # libpng takes PNGs only (by their signature): JP2 and WebP go on to Pillow
         image = out if libpng.decode_into(data, out) else None
     if image is None:
         out[...] = decode_pil(data, c, (h, w))
@@ -187,11 +202,13 @@ def load_jpeg_decoder() -> None:
 
 
 def decode_pil(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """JPEG or PNG bytes -> uint8 (H, W, C) with Pillow; `BadImage` as `decode`. Pillow tries
-    no other format: a store holds JPEG and PNG only, and each other decoder is more C code that
-    hostile bytes could reach."""
+    """JPEG, PNG, JP2 or WebP bytes -> uint8 (H, W, C) with Pillow; `BadImage` as `decode`.
+    Pillow tries no other format (JP2 or WebP only when the magic bytes say so): a store holds
+    these only, and each other decoder is more C code that hostile bytes could reach. Grey
+    WebP, stored as R=G=B, comes back exactly as L (Pillow's luma weights sum to 1)."""
+    known = pillow_codecs.pil_format(data)
     try:
-        with open_image(io.BytesIO(data), formats=("JPEG", "PNG")) as im:
+        with open_image(io.BytesIO(data), formats=(known,) if known else ("JPEG", "PNG")) as im:
             _check_size((im.height, im.width), size)
             mode = "L" if channels == 1 else "RGB"
             if im.mode != mode:

@@ -1,10 +1,12 @@
-"""`files-jpeg`, `files-png` — one image file per sample in class folders (the "file system" way).
+"""`files-jpeg`, `files-png`, `files-jp2`, `files-webp` — one image file per sample in class
+folders (the "file system" way).
 
 Layout: `<split>/<NNN>_<class>/<index>.<ext>` plus `<split>/labels.npy`. Class folders carry their
 index as a prefix, so torchvision's ImageFolder on a split folder finds the same class indices.
 Pipeline when reading: file -> decode -> uint8 -> float32 (document 000's "JPEG => PIL => uint8 =>
 float32"), decoding JPEG with torchvision.io and PNG with Pillow, the fastest decoder of each that
-a damaged file cannot crash (see `codecs.decode`).
+a damaged file cannot crash (see `codecs.decode`); JPEG 2000 and WebP with Pillow (OpenJPEG,
+libwebp). torchvision's ImageFolder reads the JPEG, PNG and WebP trees; it lists no `.jp2`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from loadbench.formats import codecs
+from loadbench.formats import codecs, pillow_codecs
 from loadbench.formats.base import (
     Format,
     SplitLayout,
@@ -39,6 +41,7 @@ class FilesWriter(SplitWriter):
         self.layout = layout
         self.codec = codec
         self.ext = codecs.EXTENSIONS[codec]
+        self.lossy = codecs.is_lossy(codec, layout.options)
         self.dir = os.path.join(layout.root, layout.split)
         self.class_dirs = class_dirs(layout.classes)
         self.width = max(7, len(str(max(layout.count - 1, 0))))
@@ -71,8 +74,8 @@ class FilesWriter(SplitWriter):
         data = codecs.encode(image, self.codec, self.layout.options)
         with open(self.path(index, label), "wb") as f:
             f.write(data)
-        # JPEG is lossy: the checksum must cover what a reader decodes, not what went in.
-        return codecs.decode(data, image.shape[2]) if self.codec == "jpeg" else image
+        # A lossy codec's checksum must cover what a reader decodes, not what went in.
+        return codecs.decode(data, image.shape[2]) if self.lossy else image
 
     def write(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         items = [(self.pos + k, images[k], int(labels[k])) for k in range(len(images))]
@@ -213,6 +216,9 @@ class _FilesFormat(Format):
     def writer(self, layout: SplitLayout) -> SplitWriter:
         return FilesWriter(layout, self.codec)
 
+    def is_lossy(self, options):
+        return codecs.is_lossy(self.codec, options)
+
 
 @register_format
 class JpegFilesFormat(_FilesFormat):
@@ -224,9 +230,6 @@ class JpegFilesFormat(_FilesFormat):
     def check(self, dtype, options):
         codecs.check_quality(self.name, options)
 
-    def is_lossy(self, options):
-        return True
-
 
 @register_format
 class PngFilesFormat(_FilesFormat):
@@ -234,3 +237,36 @@ class PngFilesFormat(_FilesFormat):
     summary = "one PNG file per image in class folders (lossless)"
     codec = "png"
     options = codecs.PNG_OPTIONS
+
+
+class _PillowFilesFormat(_FilesFormat):
+    """JPEG 2000 or WebP files: lossless unless the codec's lossy option is set; there only
+    where Pillow was built with the codec's library."""
+
+    def check(self, dtype, options):
+        pillow_codecs.check_options(self.name, options)
+
+    def missing(self) -> str | None:
+        note = pillow_codecs.missing(self.codec)
+        return f"{self.name} cannot run here: {note}" if note else None
+
+
+@register_format
+class Jp2FilesFormat(_PillowFilesFormat):
+    name = "files-jp2"
+    summary = (
+        "one JPEG 2000 file per image in class folders (lossless; jp2_rate: lossy; OpenJPEG "
+        "decode; not read by ImageFolder)"
+    )
+    codec = "jp2"
+    options = pillow_codecs.JP2_OPTIONS
+
+
+@register_format
+class WebpFilesFormat(_PillowFilesFormat):
+    name = "files-webp"
+    summary = (
+        "one WebP file per image in class folders (lossless; webp_quality: lossy; libwebp decode)"
+    )
+    codec = "webp"
+    options = pillow_codecs.WEBP_OPTIONS

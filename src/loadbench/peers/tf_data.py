@@ -271,6 +271,25 @@ class TfDataBatches:
             pass
 
 
+class TfDataEpochs:
+    """Called with an epoch: that epoch's pipeline, seeded as the torch loader's, of (images,
+    labels). `errors`: what tf.data raises for a damaged record; `damaged(e)`: the store's error
+    for one."""
+
+    def __init__(self, tf, pipeline: _Pipeline, seed: int, damaged):
+        self.tf, self.pipeline, self.seed, self.damaged = tf, pipeline, seed, damaged
+        self.errors = (tf.errors.DataLossError, tf.errors.InvalidArgumentError)
+
+    def __call__(self, epoch: int):
+        dataset = self.pipeline(epoch_seed(self.seed, epoch))
+        # After the prefetch, in the consumer's call: a selection, no work to spread on threads.
+        return dataset.map(self.tf.autograph.experimental.do_not_convert(_without_indices))
+
+
+def _without_indices(images, labels, indices):
+    return images, labels
+
+
 class TfDataReader(TfRecordReader):
     """Random access (`read_items`, `labels`) through loadbench's record index of the shards
     (tf.data has none); `loader` is tf.data's own pipeline."""
@@ -280,16 +299,29 @@ class TfDataReader(TfRecordReader):
         tf = _import_tensorflow()
         threads = cpu_budget(workers)
         _configure(tf, threads)
+        pipeline = self._pipeline(tf, order, batch_size, threads)
+        return TfDataBatches(
+            tf, pipeline, order, batch_size=batch_size, augmenter=augmenter,
+            pin_memory=pin_memory, damaged=self._damaged_shard,
+        )  # fmt: skip
+
+    def tf_dataset(self, order, *, batch_size: int, workers: int) -> TfDataEpochs:
+        """The same pipeline for a consumer that stays in TensorFlow (a Keras run): epoch ->
+        tf.data.Dataset of (float32 N,C,H,W in [0, 1], int64 labels), no torch in between.
+        The consumer owns TensorFlow's runtime (devices, process-wide pools): it is not
+        configured here; the pipeline's own threads are capped to `cpu_budget(workers)`."""
+        refuse_balance(order, "tf-data")
+        tf = _import_tensorflow()
+        pipeline = self._pipeline(tf, order, batch_size, cpu_budget(workers))
+        return TfDataEpochs(tf, pipeline, order.seed, self._damaged_shard)
+
+    def _pipeline(self, tf, order, batch_size: int, threads: int) -> _Pipeline:
         counts = np.bincount(self.handle["index"]["shard"], minlength=len(self.shard_names))
-        pipeline = _Pipeline(
+        return _Pipeline(
             tf, self.files.local_paths(self.shard_names), counts, image_shape=self.image_shape,
             encoding=self.options["encoding"], keep=subset(order, self.count),
             shuffle=order.shuffle, buffer=self.options["shuffle_buffer"],
             batch_size=batch_size, threads=threads,
-        )  # fmt: skip
-        return TfDataBatches(
-            tf, pipeline, order, batch_size=batch_size, augmenter=augmenter,
-            pin_memory=pin_memory, damaged=self._damaged_shard,
         )  # fmt: skip
 
     def _damaged_shard(self, error):

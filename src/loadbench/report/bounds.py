@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loadbench.report.data import CONFIG, Results, warm_only
+from loadbench.report.data import CONFIG, LOADER_CONFIG, Results, warm_only
 from loadbench.report.tables import Table, _nan, _num, _pct, aggregate, config_name
 
 
@@ -15,18 +15,20 @@ def bounds_table(results: Results, dataset: str) -> Table | None:
     With perfect overlap an epoch takes max(loader, compute); the larger one names the bound.
     None when the dataset has no ceiling runs."""
     ceilings = warm_only(results.ceilings[results.ceilings["dataset"] == dataset])
-    compute = ceilings.loc[ceilings["mode"] == "compute-only", "epoch_s"].dropna()
-    loaders = aggregate(ceilings[ceilings["mode"] == "loader-only"], CONFIG)
-    if compute.empty or loaders.empty:
+    computed = ceilings[ceilings["mode"] == "compute-only"].dropna(subset=["epoch_s"])
+    loaders = aggregate(ceilings[ceilings["mode"] == "loader-only"], LOADER_CONFIG)
+    if computed.empty or loaders.empty:
         return None
-    compute_s = float(compute.median())
-    loader_s = loaders.set_index(CONFIG)["epoch_s"]
+    # The model alone, per framework and graph mode (compute-only runs train torch models).
+    compute = computed.groupby(["framework", "graph"])["epoch_s"].median()
+    loader_s = loaders.set_index(LOADER_CONFIG)["epoch_s"]
     table = aggregate(warm_only(results.runs[results.runs["dataset"] == dataset]), CONFIG)
     table = table.sort_values("epoch_s", na_position="last")
     rows = []
     for _, r in table.iterrows():
-        loader = loader_s.get(tuple(r[c] for c in CONFIG), np.nan)
-        if _nan(loader) or _nan(r["epoch_s"]):
+        loader = loader_s.get(tuple(r[c] for c in LOADER_CONFIG), np.nan)
+        compute_s = compute.get((r["framework"], r["graph"]), np.nan)
+        if _nan(loader) or _nan(compute_s) or _nan(r["epoch_s"]):
             continue
         bound = max(loader, compute_s)
         rows.append([config_name(r), _num(r["epoch_s"]), _num(loader), _num(compute_s),

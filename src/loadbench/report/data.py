@@ -32,7 +32,11 @@ from loadbench.manifest import MANIFEST
 
 # A row of a table (+ cache); storage is "local" or the label of an object storage;
 # world_size is 1 but for distributed runs (ranks under torchrun).
-CONFIG = ["format", "dtype", "access", "workers", "shuffle", "storage", "world_size"]
+# framework and graph: what trained the model ("" for loader-only runs, which have none).
+CONFIG = ["format", "dtype", "access", "workers", "shuffle", "storage", "world_size", "framework",
+          "graph"]  # fmt: skip
+# What identifies a loader alone (a loader-only run's configuration).
+LOADER_CONFIG = [c for c in CONFIG if c not in ("framework", "graph")]
 
 
 @dataclass
@@ -164,11 +168,11 @@ RUN_COLUMNS = [
     "order_same_class", "storage", "read_through_hit_rate", "world_size", "straggler_ratio",
     "rank_images_per_s", "au", "timing", *(f"stage_{s}" for s in STAGES), "stage_bytes_read",
     "stopped",  # adaptive repeats: why the run's configuration got no more (repeats.json)
-    "cpu_budget", "peer",
+    "cpu_budget", "peer", "framework", "graph", "compile_time_s",
 ]  # fmt: skip
 EPOCH_COLUMNS = [
     "key", "dataset", "format", "dtype", "access", "workers", "shuffle", "storage", "cache",
-    "repeat", "epoch",
+    "framework", "graph", "repeat", "epoch",
     "time_s", "train_loss", "train_accuracy", "evaluated", "eval_loss", "eval_accuracy",
 ]  # fmt: skip
 
@@ -255,7 +259,20 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         # Records before the budget was stated: its workers, or the main process.
         "cpu_budget": r.cpu_budget or max(1, r.workers or 0),
         "peer": r.peer if r.peer is not None else is_peer(r.format),
+        **how_trained(r),
+        "compile_time_s": _get(r.final, "compile_time_s"),
     }
+
+
+def how_trained(r: RunRecord) -> dict[str, str]:
+    """{framework, graph} of a run: as recorded; for records from before they were recorded,
+    torch, compiled exactly when the experiment's `train.compile` said so; "" for both where
+    no model ran (loader-only)."""
+    if r.mode == "loader-only":
+        return {"framework": "", "graph": ""}
+    compiled = bool(_get(r.settings, "train", "compile"))
+    return {"framework": r.framework or "torch",
+            "graph": r.graph or ("compiled" if compiled else "eager")}  # fmt: skip
 
 
 def _store_facts(r: RunRecord) -> dict[str, Any]:
@@ -311,6 +328,7 @@ def _hit_rate(epochs: list[dict[str, Any]]) -> float | None:
 def epoch_row(r: RunRecord, e: dict[str, Any]) -> dict[str, Any]:
     row = {k: getattr(r, k) for k in ("key", "dataset", "format", "dtype", "access", "workers",
                                       "cache", "repeat", "shuffle", "storage")}  # fmt: skip
+    row.update(how_trained(r))
     row.update({k: e.get(k) for k in ("epoch", "time_s", "train_loss", "train_accuracy")})
     # The split evaluated each epoch: val, or test where the store had none (records before
     # the split was named call either "val").

@@ -85,13 +85,13 @@ def _leaders(family: Comparisons, stats: pd.DataFrame, ds: str) -> list[str]:
             f"; {len(tied)} of the other {len(stats) - 1} configurations are statistically "
             f"tied with it ({listed})"
         )
-    out = [text + ".", _versus(family, ds, fast, nxt, "the next fastest")]
+    out = [text + ".", versus(family, ds, fast, nxt, "the next fastest")]
     if len(stats) > 2:
-        out.append(_versus(family, ds, fast, slow, "the slowest"))
+        out.append(versus(family, ds, fast, slow, "the slowest"))
     return out
 
 
-def _versus(family: Comparisons, ds: str, fast: pd.Series, slow: pd.Series, which: str) -> str:
+def versus(family: Comparisons, ds: str, fast: pd.Series, slow: pd.Series, which: str) -> str:
     """'On ds, A was faster than B (which): B took 1.62x [1.48-1.77] as long per epoch ...', or
     that they are indistinguishable and how many repeats would separate them."""
     a, b = config_key(fast), config_key(slow)
@@ -102,7 +102,7 @@ def _versus(family: Comparisons, ds: str, fast: pd.Series, slow: pd.Series, whic
     if test is not None and test.differs:
         return (
             f"On {ds}, {name_a} was faster than {name_b} ({which}): {name_b} took "
-            f"{_ratio(y, x)} as long ({medians}; Holm-adjusted p = "
+            f"{ratio_text(y, x)} as long ({medians}; Holm-adjusted p = "
             f"{test.p_holm:.2g})."
         )
     return (
@@ -111,7 +111,7 @@ def _versus(family: Comparisons, ds: str, fast: pd.Series, slow: pd.Series, whic
     )
 
 
-def _ratio(top: np.ndarray, bottom: np.ndarray) -> str:
+def ratio_text(top: np.ndarray, bottom: np.ndarray) -> str:
     """'1.62x [1.48-1.77]': median(top) / median(bottom) and its bootstrap interval."""
     ratio, low, high = ratio_ci(top, bottom, seed=SEED)
     if np.isnan(low):
@@ -184,7 +184,7 @@ def _cold(part: pd.DataFrame, ds: str, family: Comparisons) -> list[str]:
     text = (
         f"On {ds}, a cold page cache made the first epoch {np.median(list(ratios.values())):.2f}x "
         f"as long (median over {len(ratios)} configurations; "
-        f"{config_name(dict(zip(CONFIG, worst, strict=True)))} {_ratio(*pairs[worst])})"
+        f"{config_name(dict(zip(CONFIG, worst, strict=True)))} {ratio_text(*pairs[worst])})"
     )
     established = [t for t in tests if t.differs]
     if established:
@@ -228,7 +228,7 @@ def _dtype_sentence(dtype: str, pairs: list, family: Comparisons) -> str:
         ds, a, _b = pairs[i]
         text += (
             f"; the tests establish a difference for {len(established)} of them (largest: "
-            f"{a[0]} on {ds}, {_ratio(*samples[i])})"
+            f"{a[0]} on {ds}, {ratio_text(*samples[i])})"
         )
     else:
         x, y = samples[0]
@@ -264,7 +264,7 @@ def _workers_sentence(family: Comparisons, base: pd.Series, best: pd.Series) -> 
     if test is not None and test.differs:
         return (
             f"On {ds}, {name} was faster with {more} workers than with {fewer}: an epoch with "
-            f"{fewer} took {_ratio(slow, fast)} as long (Holm-adjusted p = {test.p_holm:.2g})."
+            f"{fewer} took {ratio_text(slow, fast)} as long (Holm-adjusted p = {test.p_holm:.2g})."
         )
     gain = best["images_per_s"] / base["images_per_s"]
     return (

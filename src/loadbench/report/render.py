@@ -31,6 +31,12 @@ from loadbench.report.card import (
 )
 from loadbench.report.data import CONFIG, Results, load_results, planned_repeats, warm_only
 from loadbench.report.findings import findings
+from loadbench.report.frameworks import (
+    framework_findings,
+    framework_table,
+    has_frameworks,
+    plot_frameworks,
+)
 from loadbench.report.plots import plot_dataset, plot_storage
 from loadbench.report.tables import (
     Table,
@@ -76,6 +82,9 @@ def build(results: Results, out_dir: str, other: Results | None = None) -> Repor
         bounds = bounds_table(results, ds)
         sections.append(Section(ds, dataset_table(results, ds), images,
                                 more=[bounds] if bounds else []))  # fmt: skip
+    if has_frameworks(results):  # trained more than one way: torch/keras, eager/compiled
+        sections.append(Section("Frameworks and graph modes", framework_table(results),
+                                plot_frameworks(results, plots_dir)))  # fmt: skip
     storage = plot_storage(results, plots_dir) if has_runs else None
     if storage:
         sections.append(Section("Storage size", None, {"bytes per image on disk": storage}))
@@ -83,7 +92,7 @@ def build(results: Results, out_dir: str, other: Results | None = None) -> Repor
         title=f"loadbench report: {results.experiment.get('name', os.path.basename(results.path))}",
         results=results,
         summary=summary_table(results) if has_runs else None,
-        findings=findings(results) if has_runs else [],
+        findings=findings(results) + framework_findings(results) if has_runs else [],
         sections=sections,
         failed=failed_table(results),
         compare=compare_table(results, other) if other is not None else None,

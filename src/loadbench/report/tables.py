@@ -52,10 +52,21 @@ def world_suffix(world_size) -> str:
     return f"/ddp{int(world_size)}"
 
 
+def trained_suffix(framework: str | None, graph: str | None) -> str:
+    """How a configuration's name shows what trained it: nothing for torch eager (and for
+    loader-only runs, which train nothing), /compiled for torch.compile, /keras-GRAPH."""
+    framework = "torch" if _nan(framework) or not framework else framework
+    graph = "eager" if _nan(graph) or not graph else graph
+    if framework == "torch":
+        return "" if graph == "eager" else f"/{graph}"
+    return f"/{framework}-{graph}"
+
+
 def config_name(row) -> str:
-    """format/dtype/access/wN, with its order, world and storage when not the default, and
-    " (peer)" for another project's loader."""
+    """format/dtype/access/wN, with its order, world, framework and storage when not the
+    default, and " (peer)" for another project's loader."""
     suffix = order_suffix(row.get("shuffle")) + world_suffix(row.get("world_size"))
+    suffix += trained_suffix(row.get("framework"), row.get("graph"))
     suffix += storage_suffix(row.get("storage")) + peer_mark(row["format"])
     return f"{row['format']}/{row['dtype']}/{row['access']}/w{int(row['workers'])}{suffix}"
 
@@ -87,6 +98,7 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         convert_time_s=("convert_time_s", "first"),
         stopped=("stopped", lambda s: next(iter(s.dropna()), None)),
         final_accuracy=("final_accuracy", "median"),
+        compile_time_s=("compile_time_s", "median"),
         order_jump_ratio=("order_jump_ratio", "median"),
         order_same_class=("order_same_class", "median"),
         read_through_hit_rate=("read_through_hit_rate", "median"),

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from loadbench.errors import LoadbenchError
 from loadbench.formats.chunked import CHUNK_CACHE_OPTIONS
@@ -31,6 +31,9 @@ from loadbench.training.models import list_models, model_options
 from loadbench.training.optim import OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS
 from loadbench.training.order import ORDER_OPTIONS
 from loadbench.training.splits import SPLIT_OPTIONS
+
+FRAMEWORKS = ("torch", "keras")
+GRAPHS = ("eager", "compiled", "xla")
 
 
 def _device(value: Any) -> str:
@@ -49,6 +52,18 @@ RUN_OPTIONS = {
     "device": Option("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)", parse=_device),
     "amp": Option(False, "mixed precision (fp16 on CUDA, bf16 on CPU)", kind=bool),
     "compile": Option(False, "torch.compile the model (compile time reported apart)", kind=bool),
+    "framework": Option(
+        "torch",
+        "what trains the model: PyTorch, or Keras 3 on TensorFlow (frameworks/)",
+        choices=FRAMEWORKS,
+    ),
+    "graph": Option(
+        None,
+        "how the framework runs a step (keras: run_eagerly, tf.function or jit_compile; "
+        "torch: eager or torch.compile)",
+        choices=GRAPHS,
+        shown="torch: eager (compiled with --compile); keras: compiled",
+    ),
     "timing": Option(
         "overlap",
         "overlap: no host-device sync inside an epoch, as real training runs (CUDA events time "
@@ -128,8 +143,44 @@ def _fields() -> dict[str, Any]:
     return out
 
 
+def graph_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """`graph` in each framework's own terms: torch's compiled graph is `compile` (torch.compile)
+    and torch has no XLA graph; `compile` with an eager graph contradicts itself."""
+    framework, graph = values.get("framework") or "torch", values.get("graph")
+    try:
+        compiled = bool(RUN_OPTIONS["compile"].coerce(values.get("compile")))
+    except ValueError:
+        return values  # the field's own check says what is wrong
+    if graph == "eager" and compiled:
+        raise LoadbenchError(
+            "--compile with --graph eager asks for both: leave one out (torch: --graph compiled "
+            "is --compile)"
+        )
+    if framework == "torch" and graph == "xla":
+        raise LoadbenchError(
+            "--graph xla is Keras' jit_compile (--framework keras); torch runs --graph eager or "
+            "compiled (torch.compile)"
+        )
+    if framework == "torch" and graph == "compiled":
+        return {**values, "compile": True}
+    return values
+
+
+def resolved_graph(config) -> str:
+    """The graph a run's steps run as: `graph` when given, else keras compiled and torch eager
+    (compiled with `compile`)."""
+    if config.graph is not None:
+        return config.graph
+    return "compiled" if config.framework == "keras" or config.compile else "eager"
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _graph_in_its_framework(cls, values: Any) -> Any:
+        return graph_settings(values) if isinstance(values, dict) else values
 
     def model_options(self) -> dict[str, Any]:
         """The model options that were given (the rest take the model's defaults)."""

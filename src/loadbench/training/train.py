@@ -127,7 +127,7 @@ def finish(run: Run, sanity: dict[str, Any], started: float | None = None) -> di
         **{split: report for split, (report, _) in evaluations.items()},
         "epochs_run": len(run.history),
         "best_epoch": run.best["epoch"] if run.config.early_stopping else None,
-        **_timings(run.history, started),
+        **timings(run.history, started),
         "compile_time_s": run.compile_time_s,
         "parameters": {"total": total, "trainable": trainable},
         "images": {
@@ -162,7 +162,7 @@ def _report(run: Run, loss: float, predicted, targets) -> dict[str, Any]:
     return {"loss": loss, **classification_report(targets, predicted, run.classes)}
 
 
-def _timings(history: list[dict[str, Any]], started: float | None) -> dict[str, Any]:
+def timings(history: list[dict[str, Any]], started: float | None) -> dict[str, Any]:
     """Epoch times (training, and evaluation beside it) and the run's wall time."""
     times = [r["time_s"] for r in history]
     evals = [r["eval_time_s"] for r in history if r.get("eval_time_s") is not None]
