@@ -61,6 +61,8 @@ READ_ERRORS = (RuntimeError, ValueError, OSError)
 # readahead, and no parallel reads on its process-wide thread pool. That pool does not survive a
 # fork: a DataLoader worker forked after the parent read through it crashed (SIGSEGV) in it.
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+# Readers a forked process inherited from its parent, never destroyed in it (see `_open`).
+_INHERITED: list = []
 
 
 def shard_name(split: str, shard: int, shards: int) -> str:
@@ -201,6 +203,10 @@ class ArrayRecordReader(SplitReader):
         self.decoder = RecordDecoder(self.image_shape, self.dtype, self.options["encoding"])
 
     def _open(self):
+        if self._handle is not None and self._pid != os.getpid():
+            # Forked from a process that had read: its C++ readers are the parent's, and
+            # destroying them here crashed the child (SIGSEGV) now and then. They are kept.
+            _INHERITED.append(self._handle)
         rel = labels_name(self.split)
         labels = self._read_npy(rel)
         if labels.dtype != np.int64 or labels.shape != (self.count,):
