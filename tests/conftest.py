@@ -56,3 +56,19 @@ def stores(tmp_path_factory, rgb_source):
             continue
         made[name, dtype] = loadbench.convert(rgb_source, name, root / f"{name}-{dtype}", dtype)
     return made
+
+
+# Known defect (issue 18's closing note): after a process has used array_record's writer, or a
+# reader on its process-wide thread pool, a child forked from it that uses array_record crashes
+# with SIGSEGV (19 of 20 forks in a minimal script). The fork tests of the formats built on it
+# hit this when earlier tests of the same process wrote or read such stores; they are marked so
+# that the rest of the suite is not red by chance, and still run.
+ARRAY_RECORD_FORK = pytest.mark.xfail(
+    reason="array_record: a fork after its writer or thread pool was used may crash (SIGSEGV)",
+    strict=False,
+)
+
+
+def fork_marks(name: str) -> list:
+    """The marks of a fork test for format `name` (see ARRAY_RECORD_FORK)."""
+    return [ARRAY_RECORD_FORK] if name in ("arrayrecord", "grain") else []

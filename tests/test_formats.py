@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loadbench
-from conftest import psnr, valid_combinations
+from conftest import fork_marks, psnr, valid_combinations
 from loadbench.formats import FORMAT_NAMES, MODULES, get_format, to_stored
 from loadbench.verify import verify_store
 
@@ -70,7 +70,11 @@ def test_batches_and_items_agree_as_float_tensors(stores, name, dtype):
         assert label == labels[k]
 
 
-@pytest.mark.parametrize("name,dtype", valid_combinations())
+@pytest.mark.parametrize(
+    "name,dtype",
+    [pytest.param(*p.values, id=p.id, marks=[*p.marks, *fork_marks(p.values[0])])
+     for p in valid_combinations()],
+)  # fmt: skip
 def test_dataloader_with_two_workers_after_the_parent_read(stores, name, dtype):
     store = stores[name, dtype]
     dataset = store.dataset("test")

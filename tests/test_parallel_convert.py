@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import loadbench
+from conftest import fork_marks
 from loadbench.conversion import convert_many, resolve_jobs
 from loadbench.errors import LoadbenchError
 from loadbench.formats import ALL_NAMES, get_format
@@ -45,7 +46,9 @@ def convertible(name: str) -> bool:
     return get_format(name).missing() is None
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_NAMES if convertible(n)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=fork_marks(n)) for n in ALL_NAMES if convertible(n)]
+)
 def test_two_jobs_make_the_store_one_job_makes(tmp_path, source, name):
     fmt = get_format(name)
     options = {k: v for k, v in UNIT_OPTIONS.items() if k in fmt.options}

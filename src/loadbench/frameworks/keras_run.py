@@ -34,7 +34,7 @@ from loadbench.frameworks.tf_runtime import configure, import_keras
 from loadbench.store import Store
 from loadbench.training.augment import Augmenter, build_augment
 from loadbench.training.config import GRAPHS, TrainConfig, resolved_graph
-from loadbench.training.loop import open_run_data
+from loadbench.training.loop import evaluation, open_run_data
 from loadbench.training.metrics import EpochMeter
 from loadbench.training.order import EpochOrder
 from loadbench.training.splits import SplitPlan, channel_stats, labels_of, plan_splits
@@ -286,14 +286,7 @@ class KerasRun:
         return meter.loss, np.concatenate(predictions), np.concatenate(targets)
 
     def evaluate(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        loss, predicted, targets = self.predict(self.eval_batches)
-        accuracy = float(np.mean(predicted == targets)) if len(targets) else math.nan
-        return {
-            f"{self.evaluated}_loss": loss,
-            f"{self.evaluated}_accuracy": accuracy,
-            "eval_time_s": time.perf_counter() - started,
-        }
+        return evaluation(self.evaluated, self.predict, self.eval_batches)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> None:

@@ -327,14 +327,7 @@ class Run:
         return self.plan.eval_split or "val"
 
     def evaluate(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        loss, predicted, targets = self.predict(self.eval_batches)
-        accuracy = float(np.mean(predicted == targets)) if len(targets) else math.nan
-        return {
-            f"{self.evaluated}_loss": loss,
-            f"{self.evaluated}_accuracy": accuracy,
-            "eval_time_s": time.perf_counter() - started,
-        }
+        return evaluation(self.evaluated, self.predict, self.eval_batches)
 
     # -- sanity checks (document 003's recipe) -----------------------------------------------
     @torch.no_grad()
@@ -422,6 +415,18 @@ class Run:
             return False
         self.best["bad_epochs"] += 1
         return self.best["bad_epochs"] >= self.config.early_stopping
+
+
+def evaluation(split: str, predict, batches) -> dict[str, Any]:
+    """An epoch's evaluation fields: `predict(batches)`'s loss and accuracy on `split`, timed."""
+    started = time.perf_counter()
+    loss, predicted, targets = predict(batches)
+    accuracy = float(np.mean(predicted == targets)) if len(targets) else math.nan
+    return {
+        f"{split}_loss": loss,
+        f"{split}_accuracy": accuracy,
+        "eval_time_s": time.perf_counter() - started,
+    }
 
 
 def _epoch_line(r: dict[str, Any], epochs: int, evaluated: str) -> str:
