@@ -204,8 +204,9 @@ class ArrayRecordReader(SplitReader):
 
     def _open(self):
         if self._handle is not None and self._pid != os.getpid():
-            # Forked from a process that had read: its C++ readers are the parent's, and
-            # destroying them here crashed the child (SIGSEGV) now and then. They are kept.
+            # Forked from a process that had read: its C++ readers are the parent's, kept and
+            # not destroyed here. (Forks after array_record was used can still crash: see
+            # ARRAY_RECORD_FORK in tests/conftest.py.)
             _INHERITED.append(self._handle)
         rel = labels_name(self.split)
         labels = self._read_npy(rel)
