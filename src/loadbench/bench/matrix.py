@@ -43,7 +43,8 @@ class Cell(BaseModel):
     @property
     def label(self) -> str:
         if self.mode == "compute-only":
-            return f"{self.dataset.label} compute-only"
+            graph = "" if self.graph == "eager" else f" {self.graph}"
+            return f"{self.dataset.label} compute-only{graph}"
         order = "" if self.shuffle == "exact" else f" {self.shuffle}-shuffle"
         where = "" if self.storage.local else f" @{self.storage.label}"
         plain = self.mode == "loader-only" or (self.framework, self.graph) == ("torch", "eager")
