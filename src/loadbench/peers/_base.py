@@ -77,3 +77,28 @@ def subset(order, count: int) -> np.ndarray | None:
     if len(indices) == count:
         return None
     return indices
+
+
+def read_dict_items(reader, dataset, indices, errors: tuple, where) -> tuple:
+    """`read_items` of a peer whose dataset gives {"index", "image", "label"} dicts by store
+    index (litdata, MosaicML Streaming): each item checked to be the one asked for, with the
+    store's shape and dtype; `errors` (the library's) and a wrong item are the damaged-store
+    error at `where(index)`, the file that holds the item."""
+    import numpy as np
+
+    out = reader._empty(len(indices))
+    labels = np.empty(len(indices), dtype=np.int64)
+    for k, index in enumerate(indices):
+        try:
+            item = dataset[int(index)]
+            found, image, labels[k] = item["index"], np.asarray(item["image"]), item["label"]
+        except errors as e:
+            raise reader._damaged(where(index), e) from None
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if found != index or image.shape != reader.image_shape or image.dtype != np.uint8:
+            raise reader._damaged(
+                where(index), f"it holds item {found!r:.20}, {image.shape} {image.dtype}"
+            )
+        out[k] = image
+    return out, labels

@@ -14,7 +14,7 @@ import numpy as np
 
 from loadbench.errors import reserve
 from loadbench.formats.base import Option, SplitLayout, SplitReader, SplitWriter, register_format
-from loadbench.peers._base import PeerFormat, loader_args, refuse_balance, subset
+from loadbench.peers._base import PeerFormat, loader_args, read_dict_items, refuse_balance, subset
 
 
 def _import_litdata():
@@ -165,22 +165,8 @@ class LitdataReader(SplitReader):
         return self.handle["labels"].astype(np.int64)
 
     def read_items(self, indices):
-        dataset, out = self.handle["dataset"], self._empty(len(indices))
-        labels = np.empty(len(indices), dtype=np.int64)
-        for k, index in enumerate(indices):
-            try:
-                item = dataset[int(index)]
-                found, image, labels[k] = item["index"], np.asarray(item["image"]), item["label"]
-            except LITDATA_ERRORS as e:
-                raise self._damaged(self._where(index), e) from None
-            if image.ndim == 2:
-                image = image[:, :, None]
-            if found != index or image.shape != self.image_shape or image.dtype != np.uint8:
-                raise self._damaged(
-                    self._where(index), f"it holds item {found!r:.20}, {image.shape} {image.dtype}"
-                )
-            out[k] = image
-        return out, labels
+        dataset = self.handle["dataset"]
+        return read_dict_items(self, dataset, indices, LITDATA_ERRORS, self._where)
 
     def _where(self, index: int) -> str:
         """The chunk file that holds item `index`, for errors."""

@@ -33,7 +33,14 @@ from loadbench.errors import LoadbenchError
 from loadbench.formats import codecs
 from loadbench.formats.base import Option, SplitLayout, SplitReader, SplitWriter, register_format
 from loadbench.formats.records import RecordFormat, encoding_options
-from loadbench.peers._base import PeerFormat, epoch_seed, loader_args, refuse_balance, subset
+from loadbench.peers._base import (
+    PeerFormat,
+    epoch_seed,
+    loader_args,
+    read_dict_items,
+    refuse_balance,
+    subset,
+)
 from loadbench.remote import join
 
 COLUMNS = ("image", "index", "label")  # MDS keeps columns in sorted order
@@ -223,23 +230,9 @@ class MdsReader(SplitReader):
         return self.handle["labels"].astype(np.int64)
 
     def read_items(self, indices):
-        dataset, out = self.handle["dataset"], self._empty(len(indices))
-        labels = np.empty(len(indices), dtype=np.int64)
-        for k, index in enumerate(indices):
-            try:
-                item = dataset[int(index)]
-                found, image, labels[k] = item["index"], np.asarray(item["image"]), item["label"]
-            except MDS_ERRORS as e:
-                raise self._damaged(self._where(dataset, index), e) from None
-            if image.ndim == 2:
-                image = image[:, :, None]
-            if found != index or image.shape != self.image_shape or image.dtype != np.uint8:
-                raise self._damaged(
-                    self._where(dataset, index),
-                    f"it holds item {found!r:.20}, {image.shape} {image.dtype}",
-                )
-            out[k] = image
-        return out, labels
+        dataset = self.handle["dataset"]
+        where = lambda index: self._where(dataset, index)  # noqa: E731
+        return read_dict_items(self, dataset, indices, MDS_ERRORS, where)
 
     def _where(self, dataset, index: int) -> str:
         """The shard file that holds item `index`, for errors."""
